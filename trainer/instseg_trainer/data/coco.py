@@ -1,0 +1,314 @@
+"""COCO instance annotations → image records, imported with Datumaro.
+
+The JSON is read once up front so that a corrupt file is reported with its line and column,
+and so that the dataset's own image and category ids are kept for the COCO results.
+Datumaro does the format parsing (polygons, compressed and uncompressed RLE, crowd flags).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from datumaro.components.annotation import AnnotationType, Bbox, Polygon, RleMask
+from datumaro.components.contexts.importer import ImportErrorPolicy
+from datumaro.components.dataset import Dataset
+from PIL import Image, UnidentifiedImageError
+
+from instseg_trainer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_GLOB = "instances_*.json"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One object: a label index, its box (xyxy) and its mask as polygons or as an RLE."""
+
+    label: int
+    box: tuple[float, float, float, float]
+    polygons: tuple[np.ndarray, ...] = ()
+    rle: dict | None = None
+    crowd: bool = False
+    area: float = 0.0
+    annotation_id: int = 0
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    instances: tuple[Instance, ...]
+
+
+@dataclass
+class CocoSubset:
+    """A loaded subset: records, class names and the dataset's category ids per label index."""
+
+    name: str
+    annotation_file: Path
+    records: list[ImageRecord]
+    class_names: list[str]
+    category_ids: list[int]
+    skipped: Counter = field(default_factory=Counter)
+
+    def ground_truth(self) -> dict:
+        """The kept annotations as a COCO dict with the dataset's own ids (what we score on)."""
+        images, annotations = [], []
+        for record in self.records:
+            images.append(
+                {
+                    "id": record.image_id,
+                    "file_name": record.path.name,
+                    "width": record.width,
+                    "height": record.height,
+                }
+            )
+            for inst in record.instances:
+                x1, y1, x2, y2 = inst.box
+                if inst.rle is not None:
+                    counts = inst.rle["counts"]
+                    segmentation = {
+                        "size": list(inst.rle["size"]),
+                        "counts": counts.decode() if isinstance(counts, bytes) else counts,
+                    }
+                else:
+                    segmentation = [p.reshape(-1).tolist() for p in inst.polygons]
+                annotations.append(
+                    {
+                        "id": inst.annotation_id,
+                        "image_id": record.image_id,
+                        "category_id": self.category_ids[inst.label],
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": inst.area,
+                        "iscrowd": int(inst.crowd),
+                        "segmentation": segmentation,
+                    }
+                )
+        categories = [
+            {"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names)
+        ]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+
+class _SkippingErrorPolicy(ImportErrorPolicy):
+    """Skips a bad annotation or image entry and remembers why, instead of failing the import."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def _handle_item_error(self, error: Exception) -> None:
+        self.problems.append(f"image entry {error.item_id[0]}: {error.__cause__}")
+
+    def _handle_annotation_error(self, error: Exception) -> None:
+        self.problems.append(f"annotation {error.item_id[0]}: {error.__cause__}")
+
+
+def annotation_file(root: Path, subset: str) -> Path:
+    """The `annotations/instances_<subset>.json` of a dataset root (the only one if just one)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset root '{root}' does not exist")
+    if not root.is_dir():
+        raise DataError(f"dataset root '{root}' is not a directory (expected a COCO root)")
+    ann_dir = root / "annotations"
+    files = sorted(ann_dir.glob(ANNOTATION_GLOB)) if ann_dir.is_dir() else []
+    if not files:
+        raise DataError(
+            f"dataset root '{root}' has no annotations/{ANNOTATION_GLOB}; expected the COCO layout "
+            f"<root>/annotations/instances_<subset>.json and <root>/images/<subset>/"
+        )
+    wanted = ann_dir / f"instances_{subset}.json"
+    if wanted in files:
+        return wanted
+    if len(files) == 1:
+        return files[0]
+    names = ", ".join(_subset_name(f) for f in files)
+    raise DataError(
+        f"dataset root '{root}' has several subsets ({names}) but none named '{subset}'; "
+        f"rename the file or pass a root that holds only the subset to use"
+    )
+
+
+def _subset_name(path: Path) -> str:
+    return path.stem[len("instances_") :]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read annotation file '{path}': {e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"annotation file '{path}' is not valid JSON (line {e.lineno}, column {e.colno}: "
+            f"{e.msg}); the file is corrupt or truncated - re-export or re-copy it"
+        ) from e
+    if not isinstance(data, dict):
+        raise DataError(f"annotation file '{path}': expected a JSON object at the top level")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(
+                f"annotation file '{path}': field '{key}' is missing or not a list "
+                f"(a COCO instances file has 'images', 'annotations' and 'categories')"
+            )
+    if not data["categories"]:
+        raise DataError(f"annotation file '{path}': 'categories' is empty; declare the classes")
+    return data
+
+
+def _categories(path: Path, data: dict) -> tuple[list[int], list[str]]:
+    cats = []
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or "name" not in c:
+            raise DataError(
+                f"annotation file '{path}': categories[{i}] needs an integer 'id' and a 'name'"
+            )
+        cats.append((c["id"], str(c["name"])))
+    ids = [cid for cid, _ in cats]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"annotation file '{path}': duplicate category ids in 'categories'")
+    cats.sort()  # Datumaro numbers labels in category-id order
+    return [cid for cid, _ in cats], [name for _, name in cats]
+
+
+def load_coco_subset(root: Path, subset: str, *, check_images: bool = True) -> CocoSubset:
+    """Imports one subset of a COCO root; bad annotations are skipped, counted and logged."""
+    path = annotation_file(Path(root), subset)
+    data = _read_json(path)
+    category_ids, class_names = _categories(path, data)
+    name = _subset_name(path)
+    skipped: Counter = Counter()
+    problems: list[str] = []
+
+    image_ids = {img.get("id") for img in data["images"] if isinstance(img, dict)}
+    areas = {}
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict):
+            continue
+        areas[ann.get("id")] = ann.get("area")
+        if ann.get("image_id") not in image_ids:
+            skipped["annotation for an unknown image id"] += 1
+            problems.append(f"annotation {ann.get('id')}: image_id {ann.get('image_id')} unknown")
+
+    policy = _SkippingErrorPolicy()
+    try:
+        dataset = Dataset.import_from(str(path), "coco_instances", error_policy=policy)
+    except Exception as e:  # Datumaro raises many types; the message is what the user needs
+        raise DataError(f"annotation file '{path}': Datumaro could not import it: {e}") from e
+    for problem in policy.problems:
+        skipped[_reason(problem)] += 1
+    problems.extend(policy.problems)
+
+    labels = dataset.categories()[AnnotationType.label]
+    imported_names = [label.name for label in labels]
+    if imported_names != class_names:
+        raise DataError(f"annotation file '{path}': category names could not be matched")
+
+    records = []
+    missing: list[str] = []
+    for item in dataset:
+        record = _to_record(item, areas, skipped, problems)
+        if record is None:
+            continue
+        if check_images and not _image_readable(record.path):
+            missing.append(str(record.path))
+            continue
+        records.append(record)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"annotation file '{path}' names {len(missing)} image(s) that are missing or not "
+            f"readable images: {shown}; images must be under '{Path(root) / 'images' / name}'"
+        )
+    records.sort(key=lambda r: r.image_id)
+    if not records:
+        raise DataError(f"annotation file '{path}' has no usable images")
+    if skipped:
+        log.warning(
+            "%s: skipped %d bad annotation(s): %s. First: %s",
+            path,
+            sum(skipped.values()),
+            ", ".join(f"{n} {reason}" for reason, n in skipped.items()),
+            "; ".join(problems[:3]),
+        )
+    return CocoSubset(name, path, records, class_names, category_ids, skipped)
+
+
+def _reason(problem: str) -> str:
+    if "Expected at least 3" in problem:
+        return "polygon with fewer than 3 points"
+    if "Undeclared" in problem or "undeclared" in problem:
+        return "unknown category id"
+    return "malformed annotation"
+
+
+def _image_readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - opening reads the header only; that is the check
+    except (OSError, UnidentifiedImageError):
+        return False
+    return True
+
+
+def _to_record(item, areas: dict, skipped: Counter, problems: list[str]) -> ImageRecord | None:
+    height, width = item.media.size or Image.open(item.media.path).size[::-1]
+    groups: dict[int, dict] = {}
+    for ann in item.annotations:
+        entry = groups.setdefault(ann.group, {"polygons": [], "rle": None, "box": None})
+        if isinstance(ann, Polygon):
+            entry["polygons"].append(np.asarray(ann.points, dtype=np.float32).reshape(-1, 2))
+        elif isinstance(ann, RleMask):
+            entry["rle"] = ann.rle
+        elif isinstance(ann, Bbox):
+            entry["box"] = ann
+    instances = []
+    for group, entry in groups.items():
+        bbox = entry["box"]
+        if bbox is None or bbox.label is None:
+            skipped["annotation without a box or category"] += 1
+            problems.append(f"annotation {group}: no bbox or category")
+            continue
+        x, y, w, h = bbox.get_bbox()
+        if w <= 0 or h <= 0:
+            skipped["zero-area box"] += 1
+            problems.append(f"annotation {group}: bbox {[x, y, w, h]} has zero area")
+            continue
+        crowd = bool(bbox.attributes.get("is_crowd", False))
+        if not entry["polygons"] and entry["rle"] is None:
+            skipped["annotation without a segmentation"] += 1
+            problems.append(f"annotation {group}: no segmentation")
+            continue
+        instances.append(
+            Instance(
+                label=bbox.label,
+                box=(float(x), float(y), float(x + w), float(y + h)),
+                polygons=tuple(entry["polygons"]),
+                rle=_normalise_rle(entry["rle"]) if entry["rle"] is not None else None,
+                crowd=crowd,
+                area=float(areas.get(group) or w * h),
+                annotation_id=int(group),
+            )
+        )
+    return ImageRecord(
+        image_id=int(item.attributes.get("id", 0)),
+        path=Path(item.media.path),
+        width=int(width),
+        height=int(height),
+        instances=tuple(instances),
+    )
+
+
+def _normalise_rle(rle: dict) -> dict:
+    counts = rle["counts"]
+    return {"size": [int(s) for s in rle["size"]], "counts": counts}

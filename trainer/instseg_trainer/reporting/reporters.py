@@ -1,0 +1,282 @@
+"""Where training events go: metrics file, JSON lines on stdout, or a terminal progress bar.
+
+The trainer emits plain dicts (see DESIGN.md, "Progress contract"): `start`, `iteration`,
+`epoch`, `validation` and `final`, each with `event` and `time`. Every destination is a
+`Reporter`; `make_reporters` assembles the usual set behind one `MultiReporter`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILENAME = "metrics.jsonl"
+PROGRESS_BAR_WIDTH = 10
+
+Event = dict[str, Any]
+
+
+class Reporter(Protocol):
+    """Receives every training event; must not assume which events come or in what number."""
+
+    def report(self, event: Event) -> None:
+        """Handle one event dict."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release whatever the reporter holds; called once at the end."""
+        ...
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def event_to_json(event: Event) -> str:
+    """Serialise an event as one compact, strict JSON line (NaN/inf become null)."""
+    # Strict JSON: log collectors and jq reject the NaN a diverged loss would produce.
+    return json.dumps(_finite_or_null(event), separators=(",", ":"), allow_nan=False)
+
+
+class JsonLinesReporter:
+    """Writes one JSON object per line to a stream (stdout in a cluster), flushed per event."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def report(self, event: Event) -> None:
+        self._stream.write(event_to_json(event) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        # The stream (usually stdout) belongs to the caller, so flush but leave it open.
+        self._stream.flush()
+
+
+class MetricsFileReporter:
+    """Appends every event to a JSON-lines file; a resumed run continues the same file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ends_with_torn_line = self._ends_without_newline(self.path)
+        self._file = self.path.open("a", encoding="utf-8", buffering=1)
+        if ends_with_torn_line:
+            # A crash mid-write left a partial line; start ours on a fresh one.
+            self._file.write("\n")
+
+    @staticmethod
+    def _ends_without_newline(path: Path) -> bool:
+        if not path.exists() or path.stat().st_size == 0:
+            return False
+        with path.open("rb") as existing:
+            existing.seek(-1, 2)
+            return existing.read(1) != b"\n"
+
+    def report(self, event: Event) -> None:
+        self._file.write(event_to_json(event) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def format_duration(seconds: float | None) -> str:
+    """Render a duration compactly: `42s`, `3m12s`, `2h05m`, `1d03h`; `?` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    total = int(round(seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    return f"{total // 86400}d{total % 86400 // 3600:02d}h"
+
+
+def _number(value: Any, spec: str) -> str:
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return format(value, spec)
+    return "-"
+
+
+class TerminalReporter:
+    """A one-line progress bar redrawn in place, with epoch/validation/final summaries below."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._bar_length = 0
+
+    def report(self, event: Event) -> None:
+        kind = event.get("event")
+        if kind == "iteration":
+            self._draw_bar(event)
+        elif kind == "start":
+            self._print(self._start_line(event))
+        elif kind == "epoch":
+            self._print(self._epoch_line(event))
+        elif kind == "validation":
+            self._print(self._validation_line(event))
+        elif kind == "final":
+            self._print(self._final_line(event))
+
+    def close(self) -> None:
+        if self._bar_length:
+            self._stream.write("\n")
+            self._bar_length = 0
+        self._stream.flush()
+
+    @staticmethod
+    def _usable_width() -> int:
+        # One column spare: writing into the last column makes some terminals wrap.
+        return max(shutil.get_terminal_size().columns - 1, 1)
+
+    def _draw_bar(self, event: Event) -> None:
+        width = self._usable_width()
+        line = self._progress_line(event, width)
+        # Blank out what is left of a longer previous line, but never past the current width.
+        self._stream.write("\r" + line.ljust(min(self._bar_length, width)))
+        self._stream.flush()
+        self._bar_length = len(line)
+
+    def _print(self, line: str) -> None:
+        if self._bar_length:
+            blank = " " * min(self._bar_length, self._usable_width())
+            self._stream.write("\r" + blank + "\r")
+            self._bar_length = 0
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+    @staticmethod
+    def _progress_line(event: Event, width: int) -> str:
+        done, total = event.get("epoch_iteration", 0), event.get("iterations_per_epoch", 0)
+        fraction = min(max(done / total, 0.0), 1.0) if total else 0.0
+        filled = int(fraction * PROGRESS_BAR_WIDTH)
+        bar = "[" + "#" * filled + "-" * (PROGRESS_BAR_WIDTH - filled) + "]"
+        speed = f"{_number(event.get('images_per_second'), '.1f')} img/s"
+        learning_rate = f"lr {_number(event.get('learning_rate'), '.1e')}"
+        parts = [
+            f"epoch {event.get('epoch', '?')}/{event.get('total_epochs', '?')}",
+            bar,
+            f"{fraction:4.0%} it {done}/{total}",
+            f"loss {_number(event.get('loss'), '.3f')}",
+            learning_rate,
+            speed,
+            f"ETA {format_duration(event.get('eta_seconds'))}",
+        ]
+        # On a narrow terminal drop the least useful fields first, so loss and ETA stay.
+        for optional in (speed, learning_rate, bar):
+            if len(" ".join(parts)) <= width:
+                break
+            parts.remove(optional)
+        return " ".join(parts)[:width]
+
+    @staticmethod
+    def _start_line(event: Event) -> str:
+        return (
+            f"training {event.get('template', '?')} on {event.get('device', '?')}: "
+            f"{event.get('train_images', '?')} train / {event.get('val_images', '?')} val images, "
+            f"{event.get('total_epochs', '?')} epochs x "
+            f"{event.get('iterations_per_epoch', '?')} iterations -> {event.get('output', '?')}"
+        )
+
+    @staticmethod
+    def _epoch_line(event: Event) -> str:
+        return (
+            f"epoch {event.get('epoch', '?')}/{event.get('total_epochs', '?')} done "
+            f"in {format_duration(event.get('seconds'))}: "
+            f"mean loss {_number(event.get('loss'), '.4f')} "
+            f"lr {_number(event.get('learning_rate'), '.1e')}"
+        )
+
+    @staticmethod
+    def _validation_line(event: Event) -> str:
+        metrics = event.get("metrics", {})
+        segm, bbox = metrics.get("segm", {}), metrics.get("bbox", {})
+        line = (
+            f"epoch {event.get('epoch', '?')} validation: "
+            f"segm mAP {_number(segm.get('map'), '.3f')} "
+            f"mAP50 {_number(segm.get('map50'), '.3f')} | "
+            f"bbox mAP {_number(bbox.get('map'), '.3f')}"
+        )
+        f_measure = metrics.get("f_measure")
+        if f_measure:
+            line += (
+                f" | F1 {_number(f_measure.get('f_measure'), '.3f')}"
+                f" @ {_number(f_measure.get('threshold'), '.2f')}"
+            )
+        best = event.get("best", {})
+        line += (
+            f" | best segm mAP {_number(best.get('segm_map'), '.3f')}"
+            f" (epoch {best.get('epoch', '?')})"
+        )
+        if event.get("improved"):
+            line += " new best"
+        return line
+
+    @staticmethod
+    def _final_line(event: Event) -> str:
+        status = event.get("status", "?")
+        outcome = "stopped early" if status == "early_stopped" else status
+        best = event.get("best", {})
+        return (
+            f"training {outcome} after {event.get('epochs', '?')} epochs "
+            f"({event.get('iteration', '?')} iterations) "
+            f"in {format_duration(event.get('wall_seconds'))}; "
+            f"best segm mAP {_number(best.get('segm_map'), '.3f')} "
+            f"at epoch {best.get('epoch', '?')} -> {event.get('best_checkpoint', '?')}"
+        )
+
+
+class MultiReporter:
+    """Sends each event to several reporters; one that fails never stops the others."""
+
+    def __init__(self, reporters: Iterable[Reporter]) -> None:
+        self.reporters = list(reporters)
+        self._warned: set[int] = set()
+
+    def report(self, event: Event) -> None:
+        for reporter in self.reporters:
+            self._call_safely(reporter, "report", event)
+
+    def close(self) -> None:
+        for reporter in self.reporters:
+            self._call_safely(reporter, "close")
+
+    def _call_safely(self, reporter: Reporter, method: str, *args: Any) -> None:
+        try:
+            getattr(reporter, method)(*args)
+        except Exception:
+            # Best effort: training goes on; warn once so a dead reporter cannot flood the log.
+            if id(reporter) not in self._warned:
+                self._warned.add(id(reporter))
+                logger.warning(
+                    "%s.%s failed; training continues (further failures not logged)",
+                    type(reporter).__name__,
+                    method,
+                    exc_info=True,
+                )
+
+
+def make_reporters(output_dir: Path, stream: TextIO | None = None) -> MultiReporter:
+    """The usual reporters: `<output_dir>/metrics.jsonl` always, plus a progress bar when
+    `stream` (default: the current `sys.stdout`) is a terminal, else JSON lines on it."""
+    # Resolved at call time so redirected/captured stdout is honoured.
+    stream = sys.stdout if stream is None else stream
+    console: Reporter = TerminalReporter(stream) if stream.isatty() else JsonLinesReporter(stream)
+    return MultiReporter([MetricsFileReporter(Path(output_dir) / METRICS_FILENAME), console])
