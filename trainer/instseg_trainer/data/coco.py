@@ -111,8 +111,12 @@ class _SkippingErrorPolicy(ImportErrorPolicy):
         self.problems.append(f"annotation {error.item_id[0]}: {error.__cause__}")
 
 
-def annotation_file(root: Path, subset: str) -> Path:
-    """The `annotations/instances_<subset>.json` of a dataset root (the only one if just one)."""
+def annotation_file(root: Path, subset: str | None) -> Path:
+    """The `annotations/instances_<subset>.json` of a dataset root.
+
+    A root with a single annotation file uses it whatever its name; with `subset` None,
+    "test" then "val" is preferred.
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(f"dataset root '{root}' does not exist")
@@ -125,15 +129,16 @@ def annotation_file(root: Path, subset: str) -> Path:
             f"dataset root '{root}' has no annotations/{ANNOTATION_GLOB}; expected the COCO layout "
             f"<root>/annotations/instances_<subset>.json and <root>/images/<subset>/"
         )
-    wanted = ann_dir / f"instances_{subset}.json"
-    if wanted in files:
-        return wanted
     if len(files) == 1:
         return files[0]
+    for name in [subset] if subset else ["test", "val"]:
+        wanted = ann_dir / f"instances_{name}.json"
+        if wanted in files:
+            return wanted
     names = ", ".join(_subset_name(f) for f in files)
     raise DataError(
-        f"dataset root '{root}' has several subsets ({names}) but none named '{subset}'; "
-        f"rename the file or pass a root that holds only the subset to use"
+        f"dataset root '{root}' has several subsets ({names}) and none named "
+        f"'{subset or 'test/val'}'; pass --subset NAME or a root that holds only one subset"
     )
 
 
@@ -181,7 +186,7 @@ def _categories(path: Path, data: dict) -> tuple[list[int], list[str]]:
     return [cid for cid, _ in cats], [name for _, name in cats]
 
 
-def load_coco_subset(root: Path, subset: str, *, check_images: bool = True) -> CocoSubset:
+def load_coco_subset(root: Path, subset: str | None, *, check_images: bool = True) -> CocoSubset:
     """Imports one subset of a COCO root; bad annotations are skipped, counted and logged."""
     path = annotation_file(Path(root), subset)
     data = _read_json(path)

@@ -51,7 +51,7 @@ class Distributed:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" → CUDA when present, else CPU; otherwise the named device."""
+    """ "auto" → CUDA when present, else CPU; otherwise the named device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

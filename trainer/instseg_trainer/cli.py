@@ -1,0 +1,274 @@
+"""`instseg` command line: templates, train, eval, predict, sample-data."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from instseg_trainer import __version__
+from instseg_trainer.errors import InstsegError
+
+log = logging.getLogger("instseg")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--workers", type=int, default=2, help="DataLoader worker processes (default: 2)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instseg",
+        description="Train, evaluate and run Mask R-CNN instance-segmentation models.",
+    )
+    parser.add_argument("--version", action="version", version=f"instseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("templates", help="list the model templates with measured complexity")
+    p.add_argument("--no-measure", action="store_true", help="skip the FLOP count")
+    p.set_defaults(func=cmd_templates)
+
+    p = sub.add_parser(
+        "train",
+        help="train a template on a COCO dataset",
+        description="Train TEMPLATE on COCO data. Resumes when OUTPUT already holds last.pt.",
+    )
+    p.add_argument("template", help="template name or OTX id (see `instseg templates`)")
+    p.add_argument("--train-data-roots", required=True, type=Path, help="COCO root for training")
+    p.add_argument("--val-data-roots", required=True, type=Path, help="COCO root for validation")
+    p.add_argument("--output", type=Path, default=Path("outputs"), help="default: ./outputs")
+    p.add_argument("--epochs", type=_positive_int, help="override the template's epochs")
+    p.add_argument("--batch-size", type=_positive_int, help="images per GPU/process and step")
+    p.add_argument("--learning-rate", type=_positive_float, help="base learning rate")
+    p.add_argument("--input-size", type=_positive_int, help="longer image side (multiple of 32)")
+    p.add_argument("--warmup-iterations", type=int, help="linear warmup length")
+    p.add_argument("--early-stopping-patience", type=int, help="validations without gain; 0=off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--backbone-weights",
+        help="imagenet (torchvision download), none (random init) or PATH to a state dict; "
+        "default: the template's (imagenet)",
+    )
+    p.add_argument("--weights", type=Path, help="start from an instseg checkpoint (fine-tune)")
+    p.add_argument(
+        "--resume", action="store_true", help="require OUTPUT/last.pt and continue from it"
+    )
+    p.add_argument(
+        "--stop-after-iterations",
+        type=_positive_int,
+        help="save a resumable checkpoint and stop after N iterations in total",
+    )
+    p.add_argument("--log-interval", type=_positive_int, default=10, help="iterations per report")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint on a COCO dataset")
+    p.add_argument("--weights", required=True, type=Path, help="best.pt or last.pt")
+    p.add_argument("--data-roots", required=True, type=Path, help="COCO root to score on")
+    p.add_argument("--subset", help="subset name when the root has several (default: test, val)")
+    p.add_argument("--output", type=Path, default=Path("eval"), help="default: ./eval")
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="run a checkpoint on images; write overlays")
+    p.add_argument("--weights", required=True, type=Path, help="best.pt or last.pt")
+    p.add_argument("--input", required=True, type=Path, help="an image or a directory of images")
+    p.add_argument("--output", type=Path, default=Path("predictions"))
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        help="draw detections at or above this score (default: the F-measure-best threshold "
+        "found on validation)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("sample-data", help="write the synthetic COCO sample dataset")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--train-images", type=_positive_int, default=96)
+    p.add_argument("--val-images", type=_positive_int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample_data)
+    return parser
+
+
+def cmd_templates(args: argparse.Namespace) -> int:
+    from instseg_trainer.templates import all_templates
+
+    rows = [("Template", "OTX id", "Input", "GFLOPs (seed)", "Params M", "Size MB (seed)")]
+    for t in all_templates():
+        if args.no_measure:
+            gflops, params, size = "-", "-", "-"
+        else:
+            from instseg_trainer.models.complexity import measure_complexity
+
+            c = measure_complexity(t)
+            gflops, params, size = (
+                f"{c['gflops']:.2f}",
+                f"{c['parameters'] / 1e6:.2f}",
+                (f"{c['size_mb']:.1f}"),
+            )
+        rows.append(
+            (
+                t.name,
+                t.otx_id,
+                str(t.input_size),
+                f"{gflops} ({t.seed['gflops']})",
+                params,
+                f"{size} ({t.seed['size_mb']})",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    if not args.no_measure:
+        print(
+            "\nMeasured: torch FLOP counter (2 x multiply-adds) at the input size, "
+            "box head on the test-time proposals, mask head on 100 detections; "
+            "size = fp32 parameters. In brackets: the OTX seed table."
+        )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from instseg_trainer.engine.checkpoint import LAST
+    from instseg_trainer.engine.trainer import TrainConfig, train
+    from instseg_trainer.reporting.reporters import make_reporters
+    from instseg_trainer.templates import get_template
+
+    template = get_template(args.template).with_overrides(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        input_size=args.input_size,
+        warmup_iterations=args.warmup_iterations,
+        early_stopping_patience=args.early_stopping_patience,
+    )
+    if args.resume and not (args.output / LAST).is_file():
+        raise InstsegError(f"--resume: '{args.output / LAST}' does not exist; nothing to resume")
+    config = TrainConfig(
+        template=template,
+        train_root=args.train_data_roots,
+        val_root=args.val_data_roots,
+        output=args.output,
+        device=args.device,
+        num_workers=args.workers,
+        seed=args.seed,
+        backbone_weights=args.backbone_weights,
+        init_weights=args.weights,
+        resume=args.resume,
+        stop_after_iterations=args.stop_after_iterations,
+        log_interval=args.log_interval,
+    )
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    reporter = make_reporters(args.output) if is_main else None
+    try:
+        final = train(config, reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    if final["status"] == "interrupted":
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    for task in ("segm", "bbox"):
+        m = metrics[task]
+        print(f"{task:5s} mAP {m['map']:.4f}  mAP50 {m['map50']:.4f}  mAP75 {m['map75']:.4f}")
+    for name, ap in metrics["segm"]["per_class"].items():
+        print(f"  segm AP {name}: {'-' if ap is None else f'{ap:.4f}'}")
+    f = metrics["f_measure"].get("at_threshold") or metrics["f_measure"]["best"]
+    print(f"F-measure {f['f_measure']:.4f} at confidence threshold {f['threshold']:.3f}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from instseg_trainer.engine.inference import TrainedModel, evaluate_dataset
+
+    trained = TrainedModel(args.weights, args.device)
+    metrics = evaluate_dataset(
+        trained, args.data_roots, args.output, args.subset, args.batch_size, args.workers
+    )
+    _print_metrics(metrics)
+    print(f"wrote {args.output}/metrics.json, predictions.json, ground_truth.json")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from instseg_trainer.engine.inference import TrainedModel, predict_images
+
+    trained = TrainedModel(args.weights, args.device)
+    summary = predict_images(
+        trained, args.input, args.output, args.score_threshold, args.batch_size, args.workers
+    )
+    print(
+        f"{summary['images']} image(s), {summary['drawn']} detection(s) at score >= "
+        f"{summary['threshold']:.3f}; overlays and predictions.json in {summary['output']}"
+    )
+    return 0
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from instseg_trainer.sample_data import write_sample_dataset
+
+    summary = write_sample_dataset(
+        args.directory, num_train=args.train_images, num_val=args.val_images, seed=args.seed
+    )
+    for subset in ("train", "val"):
+        s = summary[subset]
+        print(
+            f"{subset}: {s['images']} images, {s['objects']} objects "
+            f"({s['polygons']} polygons, {s['rle']} RLE), {s['crowd']} crowd, "
+            f"{s['empty_images']} empty"
+        )
+    print(f"wrote {args.directory}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except InstsegError as e:
+        print(f"instseg {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"instseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Checkpoints: written atomically, loaded with a clear error when they do not fit."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instseg_trainer.errors import CheckpointError
+
+FORMAT = "instseg-checkpoint/1"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Writes to a temporary file beside `path`, fsyncs, then renames over it: a crash or a
+    full disk never leaves a half-written checkpoint where a good one was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint '{path}' cannot be read ({e}); it is corrupt or not an instseg checkpoint"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"'{path}' is not an instseg checkpoint (expected format {FORMAT}); "
+            f"use best.pt or last.pt from an instseg training output"
+        )
+    return state
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,88 @@
+"""Inference over a loader → COCO results; scoring with pycocotools and the F-measure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from instseg_trainer.engine.distributed import Distributed
+from instseg_trainer.evaluation.coco_eval import evaluate, to_coco_results
+from instseg_trainer.evaluation.f_measure import best_f_measure, f_measure_at
+from instseg_trainer.models.mask_rcnn import predict_batch, to_model_input
+
+MASK_THRESHOLD = 0.5
+
+
+def detections_to_numpy(detection: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """One image's torchvision detections → numpy, masks binarised at 0.5."""
+    out = {
+        "boxes": detection["boxes"].float().cpu().numpy(),
+        "scores": detection["scores"].float().cpu().numpy(),
+        "labels": detection["labels"].cpu().numpy() - 1,  # back to 0-based class indices
+    }
+    if "masks" in detection:
+        out["masks"] = (detection["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy()
+    return out
+
+
+def predict(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> Iterable[tuple[dict, dict[str, np.ndarray]]]:
+    """Yields (meta, detections) per image, in the loader's order."""
+    model.eval()
+    for images, _, metas in loader:
+        inputs = to_model_input(images, device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            detections = predict_batch(model, inputs, [m["original_size"] for m in metas])
+        for meta, det in zip(metas, detections):
+            yield meta, detections_to_numpy(det)
+
+
+def coco_results(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    category_ids: list[int],
+    dist: Distributed,
+    amp_dtype: torch.dtype | None = None,
+) -> list[dict]:
+    """COCO results of every image of the (possibly sharded) loader, on every rank."""
+    ids = np.asarray(category_ids)
+    local: list[dict] = []
+    for meta, det in predict(model, loader, device, amp_dtype):
+        local.extend(
+            to_coco_results(
+                meta["image_id"], det["boxes"], det["scores"], ids[det["labels"]], det.get("masks")
+            )
+        )
+    return [r for part in dist.gather_to_all(local) for r in part]
+
+
+def score(ground_truth: dict, results: list[dict], threshold: float | None = None) -> dict:
+    """bbox/segm COCO metrics, and the segm F-measure: the best over thresholds, and the one
+    at `threshold` (the threshold chosen on validation) when given."""
+    metrics = evaluate(ground_truth, results)
+    best = best_f_measure(ground_truth, results, iou_type="segm")
+    metrics["f_measure"] = {
+        "best": {
+            "f_measure": best.f_measure,
+            "precision": best.precision,
+            "recall": best.recall,
+            "threshold": best.threshold,
+        }
+    }
+    if threshold is not None:
+        at = f_measure_at(ground_truth, results, threshold, iou_type="segm")
+        metrics["f_measure"]["at_threshold"] = {
+            "f_measure": at.f_measure,
+            "precision": at.precision,
+            "recall": at.recall,
+            "threshold": at.threshold,
+        }
+    return metrics

@@ -1,0 +1,170 @@
+"""Evaluation and prediction with a trained checkpoint (the eval and predict commands)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+
+from instseg_trainer.data.coco import ImageRecord, load_coco_subset
+from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
+from instseg_trainer.engine.checkpoint import load_checkpoint
+from instseg_trainer.engine.distributed import Distributed, resolve_device
+from instseg_trainer.engine.evaluator import coco_results, predict, score
+from instseg_trainer.errors import CheckpointError, DataError
+from instseg_trainer.evaluation.coco_eval import to_coco_results
+from instseg_trainer.models.mask_rcnn import build_model
+from instseg_trainer.reporting.overlay import draw_overlay
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class TrainedModel:
+    """A checkpoint's inference weights (the EMA model) with its classes and threshold."""
+
+    def __init__(self, path: Path, device: str = "auto") -> None:
+        state = load_checkpoint(path)
+        if "ema" not in state:
+            raise CheckpointError(f"checkpoint '{path}' holds no model weights")
+        self.path = Path(path)
+        self.device = resolve_device(device)
+        self.template = state["template"]
+        self.input_size = state["input_size"]
+        self.class_names: list[str] = state["class_names"]
+        self.category_ids: list[int] = state["category_ids"]
+        self.best: dict = state.get("best", {})
+        self.threshold: float | None = self.best.get("f_measure_threshold")
+        self.model = build_model(state["model_config"], len(self.class_names), self.input_size)
+        self.model.load_state_dict(state["ema"])
+        self.model.to(self.device).eval()
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.device.type == "cuda" else None
+
+    def loader(self, records: list[ImageRecord], batch_size: int, workers: int) -> DataLoader:
+        return DataLoader(
+            InstanceSegDataset(records, self.input_size),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate,
+        )
+
+
+def write_json(obj, path: Path) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def evaluate_dataset(
+    trained: TrainedModel,
+    root: Path,
+    output: Path,
+    subset: str | None = None,
+    batch_size: int = 2,
+    workers: int = 2,
+) -> dict:
+    """Scores the model on a COCO subset; writes metrics.json, predictions.json (COCO
+    results, the dataset's own ids, RLE masks) and ground_truth.json (what was scored)."""
+    data = load_coco_subset(root, subset)
+    if data.class_names != trained.class_names:
+        raise DataError(
+            f"'{data.annotation_file}' has classes {data.class_names}, but the model "
+            f"'{trained.path}' was trained on {trained.class_names}"
+        )
+    single = Distributed(0, 1, 0, trained.device)
+    results = coco_results(
+        trained.model,
+        trained.loader(data.records, batch_size, workers),
+        trained.device,
+        data.category_ids,
+        single,
+        trained.amp_dtype,
+    )
+    ground_truth = data.ground_truth()
+    metrics = score(ground_truth, results, trained.threshold)
+    metrics["dataset"] = {
+        "annotation_file": str(data.annotation_file),
+        "images": len(data.records),
+        "skipped_annotations": dict(data.skipped),
+    }
+    metrics["checkpoint"] = str(trained.path)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(results, output / "predictions.json")
+    write_json(ground_truth, output / "ground_truth.json")
+    write_json(metrics, output / "metrics.json")
+    return metrics
+
+
+def image_records(source: Path) -> list[ImageRecord]:
+    """An image file or a directory of images as records without annotations."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise DataError(f"--input '{source}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    elif source.is_file():
+        paths = [source]
+    else:
+        raise DataError(f"--input '{source}' does not exist")
+    records = []
+    for i, path in enumerate(paths, start=1):
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"image '{path}' cannot be read ({e})") from e
+        records.append(ImageRecord(i, path, width, height, ()))
+    return records
+
+
+def predict_images(
+    trained: TrainedModel,
+    source: Path,
+    output: Path,
+    score_threshold: float | None = None,
+    batch_size: int = 2,
+    workers: int = 2,
+) -> dict:
+    """Overlay PNGs of detections above the threshold, and all detections as COCO results
+    (predictions.json, with images.json naming the image ids)."""
+    records = image_records(source)
+    threshold = score_threshold if score_threshold is not None else (trained.threshold or 0.5)
+    output.mkdir(parents=True, exist_ok=True)
+    ids = np.asarray(trained.category_ids)
+    results: list[dict] = []
+    drawn = 0
+    loader = trained.loader(records, batch_size, workers)
+    for meta, det in predict(trained.model, loader, trained.device, trained.amp_dtype):
+        record = records[meta["index"]]
+        results.extend(
+            to_coco_results(
+                record.image_id, det["boxes"], det["scores"], ids[det["labels"]], det.get("masks")
+            )
+        )
+        keep = det["scores"] >= threshold
+        overlay = draw_overlay(
+            np.asarray(load_rgb(record)),
+            det["boxes"][keep],
+            [trained.class_names[i] for i in det["labels"][keep]],
+            det["scores"][keep],
+            det["masks"][keep] if "masks" in det else None,
+        )
+        overlay.save(output / f"{record.path.stem}.png")
+        drawn += int(keep.sum())
+    images = [
+        {"id": r.image_id, "file_name": str(r.path), "width": r.width, "height": r.height}
+        for r in records
+    ]
+    write_json(images, output / "images.json")
+    write_json(results, output / "predictions.json")
+    return {"images": len(records), "drawn": drawn, "threshold": threshold, "output": str(output)}

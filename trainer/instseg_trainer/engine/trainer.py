@@ -1,0 +1,513 @@
+"""The training loop: one function per epoch, one for validation, checkpoints in between."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from instseg_trainer.data.coco import CocoSubset, load_coco_subset
+from instseg_trainer.data.dataset import InstanceSegDataset, collate
+from instseg_trainer.data.sampler import EpochSampler
+from instseg_trainer.engine.checkpoint import (
+    BEST,
+    LAST,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from instseg_trainer.engine.distributed import Distributed, setup_distributed
+from instseg_trainer.engine.early_stopping import EarlyStopping
+from instseg_trainer.engine.ema import build_ema
+from instseg_trainer.engine.evaluator import coco_results, score
+from instseg_trainer.engine.schedule import WarmupPlateauSchedule
+from instseg_trainer.errors import CheckpointError, DataError, InstsegError
+from instseg_trainer.models.mask_rcnn import build_model, to_model_input
+from instseg_trainer.reporting.curves import plot_curves
+from instseg_trainer.reporting.reporters import METRICS_FILENAME, MultiReporter, Reporter
+from instseg_trainer.templates import Template
+
+log = logging.getLogger(__name__)
+
+CURVES = "curves.png"
+
+
+@dataclass
+class TrainConfig:
+    template: Template
+    train_root: Path
+    val_root: Path
+    output: Path
+    device: str = "auto"
+    num_workers: int = 2
+    seed: int = 0
+    backbone_weights: str | None = None  # None: the template's default
+    init_weights: Path | None = None
+    resume: bool = False
+    stop_after_iterations: int | None = None
+    log_interval: int = 10
+    extra_reporters: list[Reporter] = field(default_factory=list)
+
+
+class TrainingDiverged(InstsegError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class _Position:
+    epoch: int = 0  # epochs completed
+    epoch_step: int = 0  # batches done in the epoch in progress
+    iteration: int = 0  # optimizer steps done in total
+    finished: str | None = None  # "completed" / "early_stopped" once training has ended
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT ask for a checkpoint at the next iteration boundary (pod eviction,
+    Job suspension, Ctrl-C), instead of losing the epoch in progress."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignal:
+        if _in_main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("signal %d: saving a checkpoint at the end of this iteration", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def check_output_dir(output: Path) -> Path:
+    """Creates the output directory and proves it is writable before any work is done."""
+    output = Path(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InstsegError(
+            f"output directory '{output}' is not writable ({e.strerror or e}); "
+            f"pass --output to a directory you can write to"
+        ) from e
+    return output
+
+
+def load_datasets(train_root: Path, val_root: Path) -> tuple[CocoSubset, CocoSubset]:
+    """The train and val subsets, checked to describe the same classes."""
+    train = load_coco_subset(train_root, "train")
+    val = load_coco_subset(val_root, "val")
+    if not any(inst for r in train.records for inst in r.instances if not inst.crowd):
+        raise DataError(
+            f"train set '{train.annotation_file}' has no usable objects to learn from "
+            f"(every image is empty or every annotation was skipped)"
+        )
+    if train.class_names != val.class_names or train.category_ids != val.category_ids:
+        raise DataError(
+            f"train and val classes differ: '{train.annotation_file}' has "
+            f"{list(zip(train.category_ids, train.class_names))}, '{val.annotation_file}' has "
+            f"{list(zip(val.category_ids, val.class_names))}; both files need the same categories"
+        )
+    return train, val
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _loader(
+    dataset: InstanceSegDataset, sampler: EpochSampler, batch_size: int, cfg: TrainConfig
+) -> DataLoader:
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        # its own generator: creating an iterator must not consume the global RNG,
+        # or a resumed run would sample RPN anchors differently from an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def train(cfg: TrainConfig, reporter: Reporter) -> dict:
+    """Trains, validating each epoch; returns the final event. Resumes from `last.pt`."""
+    dist = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, reporter, dist)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
+    started = time.monotonic()
+    template, hyper = cfg.template, cfg.template.hyperparameters
+    device = dist.device
+    output = check_output_dir(cfg.output) if dist.is_main else Path(cfg.output)
+    reporter = MultiReporter([reporter, *cfg.extra_reporters]) if dist.is_main else None
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals made CPU steps 3-7x slower
+    _seed_everything(cfg.seed + dist.rank)
+
+    train_set, val_set = load_datasets(cfg.train_root, cfg.val_root)
+    num_classes = len(train_set.class_names)
+    backbone_weights = cfg.backbone_weights or hyper["backbone_weights"]
+    model = build_model(template.model, num_classes, template.input_size, backbone_weights)
+    if cfg.init_weights is not None:
+        _load_init_weights(model, cfg.init_weights, train_set.class_names)
+    model.to(device)
+
+    batch_size = hyper["batch_size"]
+    train_sampler = EpochSampler(
+        len(train_set.records),
+        train=True,
+        seed=cfg.seed,
+        flip_probability=hyper["flip_probability"],
+        num_replicas=dist.world_size,
+        rank=dist.rank,
+    )
+    iterations_per_epoch = math.ceil(train_sampler.per_rank() / batch_size)
+    ema = build_ema(model, hyper["ema_epoch_momentum"], iterations_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params,
+        lr=hyper["learning_rate"],
+        momentum=hyper["momentum"],
+        weight_decay=hyper["weight_decay"],
+    )
+    schedule = WarmupPlateauSchedule(
+        optimizer,
+        warmup_iterations=hyper["warmup_iterations"],
+        warmup_ratio=hyper["warmup_ratio"],
+        factor=hyper["plateau_factor"],
+        patience=hyper["plateau_patience"],
+        min_lr=hyper["min_learning_rate"],
+    )
+    early = EarlyStopping(hyper["early_stopping_patience"], hyper["early_stopping_start"])
+    pos = _Position()
+    best: dict = {}
+    last_path = Path(cfg.output) / LAST
+    if cfg.resume or last_path.is_file():
+        state = load_checkpoint(last_path)
+        _check_compatible(state, template, train_set)
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(state["ema_steps"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        early.load_state_dict(state["early_stopping"])
+        pos = _Position(**state["position"])
+        best = state.get("best", {})
+        restore_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)])
+        log.info("resuming from %s at epoch %d, iteration %d", last_path, pos.epoch, pos.iteration)
+
+    def checkpoint_state() -> dict:
+        return {
+            **_model_card(template, train_set),
+            "model": _unwrap(model).state_dict(),
+            "ema": ema.module.state_dict(),
+            "ema_steps": int(ema.n_averaged),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "early_stopping": early.state_dict(),
+            "position": vars(pos).copy(),
+            "best": best,
+            "rng": dist.gather_to_all(rng_state()),
+        }
+
+    total_epochs = hyper["epochs"]
+    if pos.finished:
+        final = _final_event(pos, best, output, started, resumed_finished=True)
+        if reporter:
+            reporter.report(final)
+        return final
+
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.enabled
+        else model
+    )
+    train_loader = _loader(
+        InstanceSegDataset(train_set.records, template.input_size), train_sampler, batch_size, cfg
+    )
+    val_sampler = EpochSampler(
+        len(val_set.records), train=False, num_replicas=dist.world_size, rank=dist.rank
+    )
+    val_loader = _loader(
+        InstanceSegDataset(val_set.records, template.input_size), val_sampler, batch_size, cfg
+    )
+    ground_truth = val_set.ground_truth()
+    amp_dtype = _amp_dtype(device)
+    if reporter:
+        reporter.report(
+            {
+                "event": "start",
+                "time": time.time(),
+                "template": template.name,
+                "total_epochs": total_epochs,
+                "iterations_per_epoch": iterations_per_epoch,
+                "train_images": len(train_set.records),
+                "val_images": len(val_set.records),
+                "classes": train_set.class_names,
+                "device": str(device),
+                "world_size": dist.world_size,
+                "output": str(output),
+                "resumed_at_iteration": pos.iteration,
+            }
+        )
+
+    timing = {"train_seconds": 0.0, "train_iterations": 0, "val_seconds": 0.0}
+    with _StopSignal() as stop:
+        while pos.epoch < total_epochs:
+            train_sampler.set_epoch(pos.epoch, skip=pos.epoch_step * batch_size)
+            interrupted = _train_one_epoch(
+                net, ema, optimizer, schedule, train_loader, device, amp_dtype, pos, cfg,
+                iterations_per_epoch, total_epochs, reporter, stop, timing, dist,
+            )  # fmt: skip
+            if interrupted:
+                if dist.is_main:
+                    save_checkpoint(checkpoint_state(), last_path)
+                final = _final_event(pos, best, output, started, status=interrupted)
+                if reporter:
+                    reporter.report(final)
+                return final
+            pos.epoch, pos.epoch_step = pos.epoch + 1, 0
+
+            t0 = time.monotonic()
+            results = coco_results(
+                ema.module, val_loader, device, val_set.category_ids, dist, amp_dtype
+            )
+            metrics = dist.broadcast(score(ground_truth, results) if dist.is_main else None)
+            timing["val_seconds"] = time.monotonic() - t0
+            segm_map = metrics["segm"]["map"]
+            improved = early.update(segm_map, pos.epoch)
+            schedule.step_validation(segm_map)
+            if improved:
+                best = {
+                    "epoch": pos.epoch,
+                    "segm_map": segm_map,
+                    "segm_map50": metrics["segm"]["map50"],
+                    "bbox_map": metrics["bbox"]["map"],
+                    "bbox_map50": metrics["bbox"]["map50"],
+                    "f_measure": metrics["f_measure"]["best"]["f_measure"],
+                    "f_measure_threshold": metrics["f_measure"]["best"]["threshold"],
+                }
+            stopping = early.should_stop(pos.epoch)
+            if stopping or pos.epoch >= total_epochs:
+                pos.finished = "early_stopped" if stopping else "completed"
+            if dist.is_main:
+                if improved:
+                    save_checkpoint(
+                        {
+                            **_model_card(template, train_set),
+                            "ema": ema.module.state_dict(),
+                            "best": best,
+                            "metrics": metrics,
+                        },
+                        output / BEST,
+                    )
+                save_checkpoint(checkpoint_state(), last_path)
+                reporter.report(
+                    {
+                        "event": "validation",
+                        "time": time.time(),
+                        "epoch": pos.epoch,
+                        "total_epochs": total_epochs,
+                        "iteration": pos.iteration,
+                        "metrics": metrics,
+                        "best": best,
+                        "improved": improved,
+                        "learning_rate": schedule.learning_rate,
+                        "seconds": timing["val_seconds"],
+                    }
+                )
+                _plot(output)
+            if pos.finished:
+                break
+
+    final = _final_event(pos, best, output, started)
+    if reporter:
+        reporter.report(final)
+        _plot(output)
+    return final
+
+
+def _train_one_epoch(
+    net, ema, optimizer, schedule, loader, device, amp_dtype, pos: _Position, cfg: TrainConfig,
+    iterations_per_epoch: int, total_epochs: int, reporter, stop: _StopSignal, timing: dict,
+    dist: Distributed,
+) -> str | None:  # fmt: skip
+    """Runs the rest of the epoch; returns "interrupted"/"stopped" when it stopped early."""
+    net.train()
+    grad_clip = cfg.template.hyperparameters["grad_clip_norm"]
+    batch_size = cfg.template.hyperparameters["batch_size"]
+    # losses are summed on the device and read every log_interval: no per-step host sync
+    sums: dict[str, torch.Tensor] = {}
+    window_steps, window_start = 0, time.monotonic()
+    for images, targets, _ in loader:
+        inputs = to_model_input(images, device)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = net(inputs, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], grad_clip
+            )
+        optimizer.step()
+        ema.update_parameters(_unwrap(net))
+        pos.iteration += 1
+        pos.epoch_step += 1
+        schedule.step_iteration(pos.iteration)
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
+        window_steps += 1
+
+        last_of_epoch = pos.epoch_step >= iterations_per_epoch
+        if window_steps >= cfg.log_interval or last_of_epoch:
+            values = {k: v.item() / window_steps for k, v in sums.items()}
+            total = sum(values.values())
+            if not math.isfinite(total):
+                raise TrainingDiverged(
+                    f"the loss became {total} at iteration {pos.iteration} ({values}); "
+                    f"lower --learning-rate or check the annotations"
+                )
+            elapsed = time.monotonic() - window_start
+            timing["train_seconds"] += elapsed
+            timing["train_iterations"] += window_steps
+            per_iteration = timing["train_seconds"] / timing["train_iterations"]
+            remaining = (total_epochs - pos.epoch) * iterations_per_epoch - pos.epoch_step
+            epochs_left = total_epochs - pos.epoch
+            if reporter:
+                reporter.report(
+                    {
+                        "event": "iteration",
+                        "time": time.time(),
+                        "epoch": pos.epoch + 1,
+                        "total_epochs": total_epochs,
+                        "iteration": pos.iteration,
+                        "epoch_iteration": pos.epoch_step,
+                        "iterations_per_epoch": iterations_per_epoch,
+                        "loss": total,
+                        "losses": values,
+                        "learning_rate": optimizer.param_groups[0]["lr"],
+                        "images_per_second": window_steps * batch_size * dist.world_size / elapsed,
+                        "eta_seconds": remaining * per_iteration
+                        + epochs_left * timing["val_seconds"],
+                    }
+                )
+            sums, window_steps, window_start = {}, 0, time.monotonic()
+
+        if cfg.stop_after_iterations is not None and pos.iteration >= cfg.stop_after_iterations:
+            return "stopped"
+        # under DDP every rank must agree to stop; ask only at log boundaries (it syncs)
+        if (not dist.enabled or window_steps == 0) and dist.broadcast(stop.signum) is not None:
+            return "interrupted"
+    return None
+
+
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    return net.module if isinstance(net, DistributedDataParallel) else net
+
+
+def _model_card(template: Template, train_set: CocoSubset) -> dict:
+    """What eval and predict need to rebuild the model without the template file."""
+    return {
+        "template": template.name,
+        "input_size": template.input_size,
+        "model_config": template.model,
+        "hyperparameters": template.hyperparameters,
+        "class_names": train_set.class_names,
+        "category_ids": train_set.category_ids,
+    }
+
+
+def _check_compatible(state: dict, template: Template, train_set: CocoSubset) -> None:
+    if state.get("template") != template.name or state.get("class_names") != train_set.class_names:
+        raise CheckpointError(
+            f"the checkpoint in the output directory is from template {state.get('template')} "
+            f"with classes {state.get('class_names')}, not {template.name} with "
+            f"{train_set.class_names}; use another --output to start a new training"
+        )
+
+
+def _load_init_weights(model: torch.nn.Module, path: Path, class_names: list[str]) -> None:
+    state = load_checkpoint(path)
+    weights = state.get("ema") or state.get("model")
+    if state.get("class_names") != class_names:
+        raise CheckpointError(
+            f"--weights '{path}' was trained on classes {state.get('class_names')}, but this "
+            f"dataset has {class_names}; the heads cannot be reused"
+        )
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"--weights '{path}' does not fit the {state.get('template')} model built here: {e}"
+        ) from e
+
+
+def _final_event(
+    pos: _Position,
+    best: dict,
+    output: Path,
+    started: float,
+    status: str | None = None,
+    resumed_finished: bool = False,
+) -> dict:
+    return {
+        "event": "final",
+        "time": time.time(),
+        "status": status or pos.finished or "completed",
+        "epochs": pos.epoch,
+        "iteration": pos.iteration,
+        "best": best,
+        "best_checkpoint": str(Path(output) / BEST) if best else None,
+        "last_checkpoint": str(Path(output) / LAST),
+        "wall_seconds": time.monotonic() - started,
+        "already_finished": resumed_finished,
+    }
+
+
+def _plot(output: Path) -> None:
+    try:
+        plot_curves(output / METRICS_FILENAME, output / CURVES)
+    except Exception as e:  # a plot must never cost a training run
+        log.warning("could not draw %s: %s", output / CURVES, e)
