@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from instseg_trainer.reporting.curves import plot_curves
 from instseg_trainer.reporting.overlay import draw_overlay
 from instseg_trainer.reporting.reporters import (
@@ -15,7 +17,6 @@ from instseg_trainer.reporting.reporters import (
     TerminalReporter,
     make_reporters,
 )
-from PIL import Image
 
 START = {
     "event": "start",

@@ -159,7 +159,7 @@ def cmd_templates(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from instseg_trainer.engine.checkpoint import LAST
-    from instseg_trainer.engine.trainer import TrainConfig, train
+    from instseg_trainer.engine.trainer import TrainConfig, check_output_dir, train
     from instseg_trainer.reporting.reporters import make_reporters
     from instseg_trainer.templates import get_template
 
@@ -188,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_interval=args.log_interval,
     )
     is_main = int(os.environ.get("RANK", "0")) == 0
-    reporter = make_reporters(args.output) if is_main else None
+    reporter = make_reporters(check_output_dir(args.output)) if is_main else None
     try:
         final = train(config, reporter)
     finally:

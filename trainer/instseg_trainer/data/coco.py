@@ -35,7 +35,6 @@ class Instance:
     polygons: tuple[np.ndarray, ...] = ()
     rle: dict | None = None
     crowd: bool = False
-    area: float = 0.0
     annotation_id: int = 0
 
 
@@ -57,45 +56,19 @@ class CocoSubset:
     records: list[ImageRecord]
     class_names: list[str]
     category_ids: list[int]
+    raw: dict = field(default_factory=dict, repr=False)  # the parsed JSON file
     skipped: Counter = field(default_factory=Counter)
 
     def ground_truth(self) -> dict:
-        """The kept annotations as a COCO dict with the dataset's own ids (what we score on)."""
-        images, annotations = [], []
-        for record in self.records:
-            images.append(
-                {
-                    "id": record.image_id,
-                    "file_name": record.path.name,
-                    "width": record.width,
-                    "height": record.height,
-                }
-            )
-            for inst in record.instances:
-                x1, y1, x2, y2 = inst.box
-                if inst.rle is not None:
-                    counts = inst.rle["counts"]
-                    segmentation = {
-                        "size": list(inst.rle["size"]),
-                        "counts": counts.decode() if isinstance(counts, bytes) else counts,
-                    }
-                else:
-                    segmentation = [p.reshape(-1).tolist() for p in inst.polygons]
-                annotations.append(
-                    {
-                        "id": inst.annotation_id,
-                        "image_id": record.image_id,
-                        "category_id": self.category_ids[inst.label],
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": inst.area,
-                        "iscrowd": int(inst.crowd),
-                        "segmentation": segmentation,
-                    }
-                )
-        categories = [
-            {"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names)
-        ]
-        return {"images": images, "annotations": annotations, "categories": categories}
+        """The kept images and annotations, as the file has them (the dataset's own ids and
+        exact segmentations): what evaluation scores against."""
+        kept = {inst.annotation_id for r in self.records for inst in r.instances}
+        image_ids = {r.image_id for r in self.records}
+        return {
+            "images": [img for img in self.raw["images"] if img["id"] in image_ids],
+            "annotations": [a for a in self.raw["annotations"] if a.get("id") in kept],
+            "categories": self.raw["categories"],
+        }
 
 
 class _SkippingErrorPolicy(ImportErrorPolicy):
@@ -196,12 +169,8 @@ def load_coco_subset(root: Path, subset: str | None, *, check_images: bool = Tru
     problems: list[str] = []
 
     image_ids = {img.get("id") for img in data["images"] if isinstance(img, dict)}
-    areas = {}
     for ann in data["annotations"]:
-        if not isinstance(ann, dict):
-            continue
-        areas[ann.get("id")] = ann.get("area")
-        if ann.get("image_id") not in image_ids:
+        if isinstance(ann, dict) and ann.get("image_id") not in image_ids:
             skipped["annotation for an unknown image id"] += 1
             problems.append(f"annotation {ann.get('id')}: image_id {ann.get('image_id')} unknown")
 
@@ -222,9 +191,7 @@ def load_coco_subset(root: Path, subset: str | None, *, check_images: bool = Tru
     records = []
     missing: list[str] = []
     for item in dataset:
-        record = _to_record(item, areas, skipped, problems)
-        if record is None:
-            continue
+        record = _to_record(item, skipped, problems)
         if check_images and not _image_readable(record.path):
             missing.append(str(record.path))
             continue
@@ -246,7 +213,7 @@ def load_coco_subset(root: Path, subset: str | None, *, check_images: bool = Tru
             ", ".join(f"{n} {reason}" for reason, n in skipped.items()),
             "; ".join(problems[:3]),
         )
-    return CocoSubset(name, path, records, class_names, category_ids, skipped)
+    return CocoSubset(name, path, records, class_names, category_ids, data, skipped)
 
 
 def _reason(problem: str) -> str:
@@ -266,13 +233,13 @@ def _image_readable(path: Path) -> bool:
     return True
 
 
-def _to_record(item, areas: dict, skipped: Counter, problems: list[str]) -> ImageRecord | None:
+def _to_record(item, skipped: Counter, problems: list[str]) -> ImageRecord:
     height, width = item.media.size or Image.open(item.media.path).size[::-1]
     groups: dict[int, dict] = {}
     for ann in item.annotations:
         entry = groups.setdefault(ann.group, {"polygons": [], "rle": None, "box": None})
         if isinstance(ann, Polygon):
-            entry["polygons"].append(np.asarray(ann.points, dtype=np.float32).reshape(-1, 2))
+            entry["polygons"].append(np.asarray(ann.points, dtype=np.float64).reshape(-1, 2))
         elif isinstance(ann, RleMask):
             entry["rle"] = ann.rle
         elif isinstance(ann, Bbox):
@@ -301,7 +268,6 @@ def _to_record(item, areas: dict, skipped: Counter, problems: list[str]) -> Imag
                 polygons=tuple(entry["polygons"]),
                 rle=_normalise_rle(entry["rle"]) if entry["rle"] is not None else None,
                 crowd=crowd,
-                area=float(areas.get(group) or w * h),
                 annotation_id=int(group),
             )
         )

@@ -60,10 +60,10 @@ def _rasterise(
     if inst.polygons:
         polys = []
         for poly in inst.polygons:
-            p = poly * np.array([sx, sy], dtype=np.float32)
+            p = poly * np.array([sx, sy])
             if flip:
                 p[:, 0] = w - p[:, 0]
-            polys.append(p.reshape(-1).astype(np.float64).tolist())
+            polys.append(p.reshape(-1).tolist())
         return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w)))
     mask = mask_utils.decode(inst.rle)
     if mask.shape != (h, w):

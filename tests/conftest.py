@@ -1,0 +1,26 @@
+"""Shared fixtures: a small sample dataset written once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from instseg_trainer.sample_data import write_sample_dataset
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small deterministic COCO root with subsets train (12 images) and val (6)."""
+    root = tmp_path_factory.mktemp("sample")
+    write_sample_dataset(root, num_train=12, num_val=6, seed=3)
+    return root
+
+
+@pytest.fixture
+def dataset_copy(sample_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the sample dataset that a test may damage."""
+    target = tmp_path / "data"
+    shutil.copytree(sample_root, target)
+    return target
