@@ -154,6 +154,9 @@ def cmd_templates(args: argparse.Namespace) -> int:
             "box head on the test-time proposals, mask head on 100 detections; "
             "size = fp32 parameters. In brackets: the OTX seed table."
         )
+    for t in all_templates():
+        if t.seed.get("note"):
+            print(f"{t.name}: {t.seed['note']}")
     return 0
 
 
