@@ -37,6 +37,13 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of `tensor` over ranks (a collective: every rank must call it)."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         if not self.enabled:

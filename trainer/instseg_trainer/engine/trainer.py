@@ -236,7 +236,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         restore_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)])
         log.info("resuming from %s at epoch %d, iteration %d", last_path, pos.epoch, pos.iteration)
 
-    def checkpoint_state() -> dict:
+    def checkpoint_state(rngs: list[dict]) -> dict:
         return {
             **_model_card(template, train_set),
             "model": _unwrap(model).state_dict(),
@@ -247,7 +247,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
             "early_stopping": early.state_dict(),
             "position": vars(pos).copy(),
             "best": best,
-            "rng": dist.gather_to_all(rng_state()),
+            "rng": rngs,
         }
 
     total_epochs = hyper["epochs"]
@@ -300,8 +300,9 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
                 iterations_per_epoch, total_epochs, reporter, stop, timing, dist,
             )  # fmt: skip
             if interrupted:
+                rngs = dist.gather_to_all(rng_state())  # a collective: every rank takes part
                 if dist.is_main:
-                    save_checkpoint(checkpoint_state(), last_path)
+                    save_checkpoint(checkpoint_state(rngs), last_path)
                 final = _final_event(pos, best, output, started, status=interrupted)
                 if reporter:
                     reporter.report(final)
@@ -330,6 +331,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
             stopping = early.should_stop(pos.epoch)
             if stopping or pos.epoch >= total_epochs:
                 pos.finished = "early_stopped" if stopping else "completed"
+            rngs = dist.gather_to_all(rng_state())
             if dist.is_main:
                 if improved:
                     save_checkpoint(
@@ -341,7 +343,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
                         },
                         output / BEST,
                     )
-                save_checkpoint(checkpoint_state(), last_path)
+                save_checkpoint(checkpoint_state(rngs), last_path)
                 reporter.report(
                     {
                         "event": "validation",
@@ -402,7 +404,8 @@ def _train_one_epoch(
 
         last_of_epoch = pos.epoch_step >= iterations_per_epoch
         if window_steps >= cfg.log_interval or last_of_epoch:
-            values = {k: v.item() / window_steps for k, v in sums.items()}
+            means = dist.average(torch.stack(list(sums.values())) / window_steps).tolist()
+            values = dict(zip(sums, means))
             total = sum(values.values())
             if not math.isfinite(total):
                 raise TrainingDiverged(
