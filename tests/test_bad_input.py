@@ -148,3 +148,43 @@ def test_not_a_checkpoint(capsys, tmp_path: Path, sample_root: Path) -> None:
     code = main(["predict", "--weights", str(bogus), "--input", str(sample_root)])
     err = capsys.readouterr().err
     assert code == 2 and "model.pt" in err and "corrupt" in err
+
+
+def test_truncated_image_in_a_loader_worker_gives_one_line(capsys, dataset_copy: Path) -> None:
+    victim = sorted((dataset_copy / "images" / "train").iterdir())[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # the header still reads; decoding fails
+    err = _train(capsys, dataset_copy, dataset_copy, "--workers", "2")
+    assert victim.name in err and "cannot be read" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_image_size_differs_from_annotation(capsys, dataset_copy: Path) -> None:
+    _edit(dataset_copy, lambda d: d["images"][0].update(width=d["images"][0]["width"] + 7))
+    err = _train(capsys, dataset_copy, dataset_copy)
+    assert "'width'/'height'" in err and "instances_train.json" in err
+
+
+def test_category_id_zero_is_refused(capsys, dataset_copy: Path) -> None:
+    def renumber(data: dict) -> None:
+        data["categories"][0]["id"] = 0
+        for ann in data["annotations"]:
+            if ann["category_id"] == 1:
+                ann["category_id"] = 0
+
+    _edit(dataset_copy, renumber)
+    err = _train(capsys, dataset_copy, dataset_copy)
+    assert "category id 0" in err and "renumber" in err
+
+
+def test_box_outside_the_image_is_skipped(dataset_copy: Path) -> None:
+    _edit(dataset_copy, lambda d: d["annotations"][0].update(bbox=[5000.0, 10.0, 20.0, 20.0]))
+    subset = load_coco_subset(dataset_copy, "train")
+    assert subset.skipped["box outside the image"] == 1
+
+
+def test_device_without_cuda(capsys, sample_root: Path) -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    err = _train(capsys, sample_root, sample_root, "--device", "cuda")
+    assert "no CUDA device" in err

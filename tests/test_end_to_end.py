@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from instseg_trainer.cli import main
 from instseg_trainer.engine.checkpoint import load_checkpoint
 from instseg_trainer.engine.trainer import TrainConfig, train
+from instseg_trainer.errors import CheckpointError
 from instseg_trainer.reporting.reporters import MultiReporter
 from instseg_trainer.sample_data import write_sample_dataset
 from instseg_trainer.templates import get_template
@@ -67,6 +68,7 @@ def test_train_eval_predict(template: str, tiny_root: Path, tmp_path: Path) -> N
         "start",
         "iteration",
         "iteration",
+        "epoch",
         "validation",
         "final",
     ]
@@ -132,6 +134,17 @@ def test_resume_continues_exactly_where_it_stopped(tiny_root: Path, tmp_path: Pa
     again = train(_config(tiny_root, tmp_path / "split"), quiet)  # a restarted Job, say
     assert again["already_finished"] and again["iteration"] == 4
 
+    with pytest.raises(CheckpointError, match="--batch-size"):
+        config = _config(tiny_root, tmp_path / "split")
+        config.template = config.template.with_overrides(batch_size=1, epochs=3)
+        train(config, quiet)
+
+    longer = _config(tiny_root, tmp_path / "split")
+    longer.template = longer.template.with_overrides(epochs=3)
+    extended = train(longer, quiet)  # the same command with more epochs goes on
+    assert extended["status"] == "completed" and extended["epochs"] == 3
+    assert extended["iteration"] == 6
+
 
 def test_torchrun_two_processes_on_cpu(tiny_root: Path, tmp_path: Path) -> None:
     """DDP with gloo: rank 0 alone writes, metrics come from all ranks' predictions."""
@@ -150,8 +163,8 @@ def test_torchrun_two_processes_on_cpu(tiny_root: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     kinds = [e["event"] for e in events]
-    assert kinds == ["start", "iteration", "iteration", "validation", "final"]  # rank 0 only
+    assert kinds == ["start", "iteration", "iteration", "epoch", "validation", "final"]  # rank 0
     assert events[0]["world_size"] == 2
-    assert set(events[3]["metrics"]) >= {"segm", "bbox", "f_measure"}
+    assert set(events[4]["metrics"]) >= {"segm", "bbox", "f_measure"}
     assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
     assert len(load_checkpoint(run / "last.pt")["rng"]) == 2  # each rank's RNG, for resume

@@ -110,3 +110,16 @@ def test_load_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, other)
     with pytest.raises(CheckpointError, match="other.pt.*not an instseg checkpoint"):
         load_checkpoint(other)
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from instseg_trainer.engine.checkpoint import restore_rng_state, rng_state
+
+    save_checkpoint({"rng": [rng_state()]}, tmp_path / "c.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"][0])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

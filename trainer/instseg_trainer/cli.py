@@ -24,6 +24,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -34,7 +41,10 @@ def _positive_float(text: str) -> float:
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument(
-        "--workers", type=int, default=2, help="DataLoader worker processes (default: 2)"
+        "--workers",
+        type=_non_negative_int,
+        default=2,
+        help="DataLoader worker processes; 0 loads in the main process (default: 2)",
     )
 
 
@@ -214,7 +224,9 @@ def _print_metrics(metrics: dict) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from instseg_trainer.engine.inference import TrainedModel, evaluate_dataset
+    from instseg_trainer.engine.trainer import check_output_dir
 
+    check_output_dir(args.output)  # before the work, not after it
     trained = TrainedModel(args.weights, args.device)
     metrics = evaluate_dataset(
         trained, args.data_roots, args.output, args.subset, args.batch_size, args.workers
@@ -226,7 +238,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from instseg_trainer.engine.inference import TrainedModel, predict_images
+    from instseg_trainer.engine.trainer import check_output_dir
 
+    check_output_dir(args.output)
     trained = TrainedModel(args.weights, args.device)
     summary = predict_images(
         trained, args.input, args.output, args.score_threshold, args.batch_size, args.workers
@@ -255,6 +269,16 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def user_message(error: InstsegError) -> str:
+    """The error's own message, also when a DataLoader worker raised it: torch re-raises
+    those with the worker's traceback prepended, and the user needs only the last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -266,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except InstsegError as e:
-        print(f"instseg {args.command}: error: {e}", file=sys.stderr)
+        print(f"instseg {args.command}: error: {user_message(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"instseg {args.command}: interrupted", file=sys.stderr)

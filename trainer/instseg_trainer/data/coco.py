@@ -153,13 +153,18 @@ def _categories(path: Path, data: dict) -> tuple[list[int], list[str]]:
             )
         cats.append((c["id"], str(c["name"])))
     ids = [cid for cid, _ in cats]
+    if 0 in ids:
+        raise DataError(
+            f"annotation file '{path}': category id 0 is not supported (COCO numbers categories "
+            f"from 1, and Datumaro drops the annotations of id 0); renumber the categories"
+        )
     if len(set(ids)) != len(ids):
         raise DataError(f"annotation file '{path}': duplicate category ids in 'categories'")
     cats.sort()  # Datumaro numbers labels in category-id order
     return [cid for cid, _ in cats], [name for _, name in cats]
 
 
-def load_coco_subset(root: Path, subset: str | None, *, check_images: bool = True) -> CocoSubset:
+def load_coco_subset(root: Path, subset: str | None) -> CocoSubset:
     """Imports one subset of a COCO root; bad annotations are skipped, counted and logged."""
     path = annotation_file(Path(root), subset)
     data = _read_json(path)
@@ -186,25 +191,43 @@ def load_coco_subset(root: Path, subset: str | None, *, check_images: bool = Tru
     labels = dataset.categories()[AnnotationType.label]
     imported_names = [label.name for label in labels]
     if imported_names != class_names:
-        raise DataError(f"annotation file '{path}': category names could not be matched")
+        raise DataError(
+            f"annotation file '{path}': Datumaro read the categories as {imported_names}, "
+            f"the file declares {class_names}; check 'categories' for duplicate names or ids"
+        )
 
     records = []
     missing: list[str] = []
+    wrong_size: list[str] = []
     for item in dataset:
-        record = _to_record(item, skipped, problems)
-        if check_images and not _image_readable(record.path):
-            missing.append(str(record.path))
+        size = _image_size(Path(item.media.path))  # (height, width) from the file header
+        if size is None:
+            missing.append(item.media.path)
             continue
-        records.append(record)
+        if item.media.size is not None and tuple(item.media.size) != size:
+            wrong_size.append(
+                f"image id {item.attributes.get('id')} '{item.media.path}' is "
+                f"{size[1]}x{size[0]}, the file says {item.media.size[1]}x{item.media.size[0]}"
+            )
+            continue
+        records.append(_to_record(item, size, skipped, problems))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(
             f"annotation file '{path}' names {len(missing)} image(s) that are missing or not "
             f"readable images: {shown}; images must be under '{Path(root) / 'images' / name}'"
         )
+    if wrong_size:
+        raise DataError(
+            f"annotation file '{path}': {len(wrong_size)} image(s) differ from their "
+            f"'width'/'height': {'; '.join(wrong_size[:3])}; fix the annotation file"
+        )
     records.sort(key=lambda r: r.image_id)
     if not records:
-        raise DataError(f"annotation file '{path}' has no usable images")
+        raise DataError(
+            f"annotation file '{path}' has no usable images: 'images' is empty or every entry "
+            f"was skipped (see the warnings above)"
+        )
     if skipped:
         log.warning(
             "%s: skipped %d bad annotation(s): %s. First: %s",
@@ -224,17 +247,17 @@ def _reason(problem: str) -> str:
     return "malformed annotation"
 
 
-def _image_readable(path: Path) -> bool:
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) from the image header, or None when it is missing or not an image."""
     try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - opening reads the header only; that is the check
+        with Image.open(path) as im:  # reads the header only
+            return im.height, im.width
     except (OSError, UnidentifiedImageError):
-        return False
-    return True
+        return None
 
 
-def _to_record(item, skipped: Counter, problems: list[str]) -> ImageRecord:
-    height, width = item.media.size or Image.open(item.media.path).size[::-1]
+def _to_record(item, size: tuple[int, int], skipped: Counter, problems: list[str]) -> ImageRecord:
+    height, width = size
     groups: dict[int, dict] = {}
     for ann in item.annotations:
         entry = groups.setdefault(ann.group, {"polygons": [], "rle": None, "box": None})
@@ -256,6 +279,11 @@ def _to_record(item, skipped: Counter, problems: list[str]) -> ImageRecord:
             skipped["zero-area box"] += 1
             problems.append(f"annotation {group}: bbox {[x, y, w, h]} has zero area")
             continue
+        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+        if x2 - x1 < 1e-3 or y2 - y1 < 1e-3:
+            skipped["box outside the image"] += 1
+            problems.append(f"annotation {group}: bbox {[x, y, w, h]} lies outside the image")
+            continue
         crowd = bool(bbox.attributes.get("is_crowd", False))
         if not entry["polygons"] and entry["rle"] is None:
             skipped["annotation without a segmentation"] += 1
@@ -264,7 +292,7 @@ def _to_record(item, skipped: Counter, problems: list[str]) -> ImageRecord:
         instances.append(
             Instance(
                 label=bbox.label,
-                box=(float(x), float(y), float(x + w), float(y + h)),
+                box=(float(x1), float(y1), float(x2), float(y2)),
                 polygons=tuple(entry["polygons"]),
                 rle=_normalise_rle(entry["rle"]) if entry["rle"] is not None else None,
                 crowd=crowd,

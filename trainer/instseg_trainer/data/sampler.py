@@ -58,7 +58,7 @@ class EpochSampler(Sampler):
         order = torch.randperm(self.size, generator=g).tolist()
         flips = (torch.rand(self.size, generator=g) < self.flip_probability).tolist()
         total = self.per_rank() * self.num_replicas
-        order += order[: total - len(order)]
+        order = (order * math.ceil(total / len(order)))[:total]
         mine = order[self.rank : total : self.num_replicas][self.skip :]
         for index in mine:
             yield index, flips[index]

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from instseg_trainer.errors import InstsegError
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -24,10 +26,6 @@ class Distributed:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
 
     def gather_to_all(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""
@@ -61,7 +59,13 @@ def resolve_device(device: str) -> torch.device:
     """ "auto" → CUDA when present, else CPU; otherwise the named device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except RuntimeError as e:
+        raise InstsegError(f"--device '{device}': {e}; use auto, cpu, cuda or cuda:N") from e
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise InstsegError(f"--device {device}: no CUDA device is available here; use cpu")
+    return target
 
 
 def setup_distributed(device: str = "auto") -> Distributed:

@@ -186,9 +186,24 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
 
     train_set, val_set = load_datasets(cfg.train_root, cfg.val_root)
     num_classes = len(train_set.class_names)
-    backbone_weights = cfg.backbone_weights or hyper["backbone_weights"]
-    model = build_model(template.model, num_classes, template.input_size, backbone_weights)
-    if cfg.init_weights is not None:
+    last_path = Path(cfg.output) / LAST
+    # rank 0 decides, so that every rank resumes or none does
+    resuming = dist.broadcast(cfg.resume or last_path.is_file() if dist.is_main else None)
+    if resuming and cfg.init_weights is not None:
+        log.warning("resuming from %s: --weights %s is not used", last_path, cfg.init_weights)
+    state = load_checkpoint(last_path) if resuming else None
+    backbone_weights = (
+        state["backbone_weights"] if state else cfg.backbone_weights or hyper["backbone_weights"]
+    )
+    model = build_model(
+        template.model,
+        num_classes,
+        template.input_size,
+        backbone_weights,
+        # weights that come from a checkpoint next need no ImageNet download first
+        load_backbone_weights=not (state or cfg.init_weights),
+    )
+    if cfg.init_weights is not None and not state:
         _load_init_weights(model, cfg.init_weights, train_set.class_names)
     model.to(device)
 
@@ -221,10 +236,14 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
     early = EarlyStopping(hyper["early_stopping_patience"], hyper["early_stopping_start"])
     pos = _Position()
     best: dict = {}
-    last_path = Path(cfg.output) / LAST
-    if cfg.resume or last_path.is_file():
-        state = load_checkpoint(last_path)
-        _check_compatible(state, template, train_set)
+    run_settings = {
+        "seed": cfg.seed,
+        "batch_size": batch_size,
+        "world_size": dist.world_size,
+        "input_size": template.input_size,
+    }
+    if state:
+        _check_compatible(state, template, train_set, run_settings)
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
         ema.n_averaged.fill_(state["ema_steps"])
@@ -233,13 +252,14 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         early.load_state_dict(state["early_stopping"])
         pos = _Position(**state["position"])
         best = state.get("best", {})
-        restore_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)])
+        restore_rng_state(state["rng"][dist.rank])
         log.info("resuming from %s at epoch %d, iteration %d", last_path, pos.epoch, pos.iteration)
 
     def checkpoint_state(rngs: list[dict]) -> dict:
         return {
-            **_model_card(template, train_set),
-            "model": _unwrap(model).state_dict(),
+            **_model_card(template, train_set, backbone_weights),
+            **run_settings,
+            "model": model.state_dict(),
             "ema": ema.module.state_dict(),
             "ema_steps": int(ema.n_averaged),
             "optimizer": optimizer.state_dict(),
@@ -251,6 +271,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         }
 
     total_epochs = hyper["epochs"]
+    if pos.finished == "completed" and pos.epoch < total_epochs:
+        pos.finished = None  # the same command with more --epochs extends the training
     if pos.finished:
         final = _final_event(pos, best, output, started, resumed_finished=True)
         if reporter:
@@ -295,6 +317,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
     with _StopSignal() as stop:
         while pos.epoch < total_epochs:
             train_sampler.set_epoch(pos.epoch, skip=pos.epoch_step * batch_size)
+            timing.update(epoch_start=time.monotonic(), epoch_loss=0.0, epoch_steps=0)
             interrupted = _train_one_epoch(
                 net, ema, optimizer, schedule, train_loader, device, amp_dtype, pos, cfg,
                 iterations_per_epoch, total_epochs, reporter, stop, timing, dist,
@@ -308,6 +331,19 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
                     reporter.report(final)
                 return final
             pos.epoch, pos.epoch_step = pos.epoch + 1, 0
+            if reporter:
+                reporter.report(
+                    {
+                        "event": "epoch",
+                        "time": time.time(),
+                        "epoch": pos.epoch,
+                        "total_epochs": total_epochs,
+                        "iteration": pos.iteration,
+                        "loss": timing["epoch_loss"] / max(timing["epoch_steps"], 1),
+                        "learning_rate": schedule.learning_rate,
+                        "seconds": time.monotonic() - timing["epoch_start"],
+                    }
+                )
 
             t0 = time.monotonic()
             results = coco_results(
@@ -336,7 +372,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
                 if improved:
                     save_checkpoint(
                         {
-                            **_model_card(template, train_set),
+                            **_model_card(template, train_set, backbone_weights),
                             "ema": ema.module.state_dict(),
                             "best": best,
                             "metrics": metrics,
@@ -415,6 +451,8 @@ def _train_one_epoch(
             elapsed = time.monotonic() - window_start
             timing["train_seconds"] += elapsed
             timing["train_iterations"] += window_steps
+            timing["epoch_loss"] += total * window_steps
+            timing["epoch_steps"] += window_steps
             per_iteration = timing["train_seconds"] / timing["train_iterations"]
             remaining = (total_epochs - pos.epoch) * iterations_per_epoch - pos.epoch_step
             epochs_left = total_epochs - pos.epoch
@@ -450,10 +488,11 @@ def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     return net.module if isinstance(net, DistributedDataParallel) else net
 
 
-def _model_card(template: Template, train_set: CocoSubset) -> dict:
+def _model_card(template: Template, train_set: CocoSubset, backbone_weights: str) -> dict:
     """What eval and predict need to rebuild the model without the template file."""
     return {
         "template": template.name,
+        "backbone_weights": backbone_weights,  # decides the norm layers' layout
         "input_size": template.input_size,
         "model_config": template.model,
         "hyperparameters": template.hyperparameters,
@@ -462,22 +501,36 @@ def _model_card(template: Template, train_set: CocoSubset) -> dict:
     }
 
 
-def _check_compatible(state: dict, template: Template, train_set: CocoSubset) -> None:
+def _check_compatible(
+    state: dict, template: Template, train_set: CocoSubset, run_settings: dict
+) -> None:
+    """A resume is exact only with the same model, classes, seed, batch and world size."""
     if state.get("template") != template.name or state.get("class_names") != train_set.class_names:
         raise CheckpointError(
             f"the checkpoint in the output directory is from template {state.get('template')} "
             f"with classes {state.get('class_names')}, not {template.name} with "
             f"{train_set.class_names}; use another --output to start a new training"
         )
+    for key, value in run_settings.items():
+        if state.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(
+                f"last.pt in the output directory was trained with {key} {state.get(key)}, not "
+                f"{value}; resume with the same {flag} (or nproc/nnodes for world_size), "
+                f"or use another --output to start a new training"
+            )
 
 
 def _load_init_weights(model: torch.nn.Module, path: Path, class_names: list[str]) -> None:
     state = load_checkpoint(path)
     weights = state.get("ema") or state.get("model")
+    if weights is None:
+        raise CheckpointError(f"--weights '{path}' holds no model weights")
     if state.get("class_names") != class_names:
         raise CheckpointError(
             f"--weights '{path}' was trained on classes {state.get('class_names')}, but this "
-            f"dataset has {class_names}; the heads cannot be reused"
+            f"dataset has {class_names}; fine-tuning keeps the classes, so start from "
+            f"--backbone-weights instead"
         )
     try:
         model.load_state_dict(weights)

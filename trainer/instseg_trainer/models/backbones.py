@@ -22,17 +22,25 @@ _IMAGENET_WEIGHTS = {
 
 
 def build_backbone(
-    name: str, fpn_channels: int, weights: str = "none", drop_path_rate: float = 0.1
+    name: str,
+    fpn_channels: int,
+    weights: str = "none",
+    drop_path_rate: float = 0.1,
+    load_weights: bool = True,
 ) -> BackboneWithFPN:
     """Backbone + FPN. `weights` is "imagenet", "none" (random init) or a state-dict path.
 
     With pretrained weights the batch norms are frozen (detection batches are too small to
     re-estimate them) and, for ResNet-50, so is the first stage; from scratch every norm
-    layer trains.
+    layer trains. `load_weights=False` builds that same layout without loading anything,
+    for weights that come from an instseg checkpoint next.
     """
     if name not in BACKBONES:
         raise TemplateError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+    weights = normalise_weights(weights)
     pretrained = weights != "none"
+    if not load_weights:
+        weights = "none"
     norm = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     if name == "resnet50":
         if fpn_channels != 256:
@@ -60,6 +68,18 @@ def build_backbone(
     )
 
 
+def normalise_weights(weights: str) -> str:
+    """ "imagenet"/"none" in any case, else a path that must exist."""
+    if weights.lower() in ("imagenet", "none"):
+        return weights.lower()
+    if not Path(weights).is_file():
+        raise TemplateError(
+            f"--backbone-weights '{weights}': expected imagenet, none, or the path of an "
+            f"existing torchvision state-dict file"
+        )
+    return weights
+
+
 def _load_weights(model: nn.Module, name: str, weights: str) -> None:
     if weights == "none":
         return
@@ -73,8 +93,6 @@ def _load_weights(model: nn.Module, name: str, weights: str) -> None:
             ) from e
     else:
         path = Path(weights)
-        if not path.is_file():
-            raise TemplateError(f"--backbone-weights: file '{path}' does not exist")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:

@@ -30,14 +30,23 @@ class PreResizedTransform(GeneralizedRCNNTransform):
 
 
 def build_model(
-    model_cfg: dict, num_classes: int, input_size: int, backbone_weights: str = "none"
+    model_cfg: dict,
+    num_classes: int,
+    input_size: int,
+    backbone_weights: str = "none",
+    load_backbone_weights: bool = True,
 ) -> GeneralizedRCNN:
-    """Mask R-CNN for `num_classes` object classes (background is added here)."""
+    """Mask R-CNN for `num_classes` object classes (background is added here).
+
+    `load_backbone_weights=False` keeps the layout that `backbone_weights` implies (frozen
+    norms when pretrained) without loading: for weights restored from a checkpoint.
+    """
     backbone = build_backbone(
         model_cfg["backbone"],
         model_cfg["fpn_channels"],
         backbone_weights,
         model_cfg.get("drop_path_rate", 0.1),
+        load_backbone_weights,
     )
     channels = backbone.out_channels
     rpn_cfg, roi_cfg, mask_cfg = model_cfg["rpn"], model_cfg["roi"], model_cfg["mask_head"]
@@ -83,7 +92,17 @@ def build_model(
         ),
     )
     transform = PreResizedTransform(input_size, input_size, IMAGENET_MEAN, IMAGENET_STD)
+    # under bf16 autocast, box deltas and mask logits would be decoded in bf16 (4 px steps
+    # at 1024 px); heads hand float32 to torchvision's box coder and mask paste instead
+    for head in (rpn.head, roi_heads.box_predictor, roi_heads.mask_predictor):
+        head.register_forward_hook(_outputs_to_float32)
     return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
+
+
+def _outputs_to_float32(module: nn.Module, inputs, output):
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    return type(output)(_outputs_to_float32(module, inputs, o) for o in output)
 
 
 def to_model_input(images: tuple[torch.Tensor, ...], device: torch.device) -> list[torch.Tensor]:
