@@ -31,8 +31,8 @@ def run(args: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("learn_shapes"))
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--input-size", type=int, default=160)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--train-images", type=int, default=192)
     parser.add_argument("--val-images", type=int, default=48)
     parser.add_argument("--workers", type=int, default=2)

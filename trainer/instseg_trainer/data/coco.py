@@ -200,7 +200,7 @@ def load_coco_subset(root: Path, subset: str | None) -> CocoSubset:
     missing: list[str] = []
     wrong_size: list[str] = []
     for item in dataset:
-        size = _image_size(Path(item.media.path))  # (height, width) from the file header
+        size = image_size(Path(item.media.path))  # (height, width) from the file header
         if size is None:
             missing.append(item.media.path)
             continue
@@ -247,7 +247,7 @@ def _reason(problem: str) -> str:
     return "malformed annotation"
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
+def image_size(path: Path) -> tuple[int, int] | None:
     """(height, width) from the image header, or None when it is missing or not an image."""
     try:
         with Image.open(path) as im:  # reads the header only

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
-from instseg_trainer.data.coco import ImageRecord, load_coco_subset
+from instseg_trainer.data.coco import ImageRecord, image_size, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
 from instseg_trainer.engine.checkpoint import load_checkpoint
 from instseg_trainer.engine.distributed import Distributed, resolve_device
@@ -126,12 +125,10 @@ def image_records(source: Path) -> list[ImageRecord]:
         raise DataError(f"--input '{source}' does not exist")
     records = []
     for i, path in enumerate(paths, start=1):
-        try:
-            with Image.open(path) as im:
-                width, height = im.size
-        except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"image '{path}' cannot be read ({e})") from e
-        records.append(ImageRecord(i, path, width, height, ()))
+        size = image_size(path)
+        if size is None:
+            raise DataError(f"image '{path}' cannot be read; it is not an image PIL can open")
+        records.append(ImageRecord(i, path, size[1], size[0], ()))
     return records
 
 
