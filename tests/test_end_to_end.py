@@ -168,3 +168,35 @@ def test_torchrun_two_processes_on_cpu(tiny_root: Path, tmp_path: Path) -> None:
     assert set(events[4]["metrics"]) >= {"segm", "bbox", "f_measure"}
     assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
     assert len(load_checkpoint(run / "last.pt")["rng"]) == 2  # each rank's RNG, for resume
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tiny_root: Path, tmp_path: Path) -> None:
+    """What a pod eviction or Job suspension does: SIGTERM mid-epoch, then the same command."""
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "instseg_trainer.cli", "train", "MaskRCNN-EfficientNetB2B",
+        "--train-data-roots", str(tiny_root), "--val-data-roots", str(tiny_root),
+        "--output", str(run), "--epochs", "2", "--batch-size", "1", "--input-size", "64",
+        "--backbone-weights", "none", "--workers", "0", "--log-interval", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until it is really training
+        if json.loads(line)["event"] == "iteration":
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    final = json.loads(out.splitlines()[-1])
+    assert final["event"] == "final" and final["status"] == "interrupted"
+    stopped_at = load_checkpoint(run / "last.pt")["position"]["iteration"]
+    assert 1 <= stopped_at < 8
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[0]["resumed_at_iteration"] == stopped_at
+    assert events[-1]["status"] == "completed" and events[-1]["iteration"] == 8

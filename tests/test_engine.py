@@ -46,6 +46,7 @@ def test_schedule_state_round_trips() -> None:
     a = WarmupPlateauSchedule(opt, warmup_iterations=10, warmup_ratio=0.5, factor=0.1,
                               patience=1, min_lr=0)  # fmt: skip
     for it in range(1, 4):
+        opt.step()
         a.step_iteration(it)
     a.step_validation(0.3)
     state, opt_state = a.state_dict(), opt.state_dict()
@@ -55,6 +56,8 @@ def test_schedule_state_round_trips() -> None:
     opt2.load_state_dict(opt_state)
     b.load_state_dict(state)
     for it in range(4, 8):
+        opt.step()
+        opt2.step()
         a.step_iteration(it)
         b.step_iteration(it)
     assert b.learning_rate == pytest.approx(a.learning_rate)
