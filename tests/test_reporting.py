@@ -70,7 +70,7 @@ def validation_event(epoch: int, segm_map: float) -> dict:
         "metrics": {
             "segm": {"map": segm_map, "map50": segm_map + 0.2, "map75": segm_map - 0.1},
             "bbox": {"map": segm_map + 0.05, "map50": 0.7, "map75": 0.4},
-            "f_measure": {"f_measure": 0.61, "threshold": 0.45},
+            "f_measure": {"best": {"f_measure": 0.61, "threshold": 0.45}},
         },
         "best": {"epoch": epoch, "segm_map": segm_map},
         "improved": True,
@@ -220,7 +220,7 @@ def test_terminal_reporter_shows_progress_summaries_and_final(
     bar = output.split("\r")[1]
     assert "epoch 1/3 [####------]  40% it 4/10 loss 1.234" in bar
     assert "lr 2.7e-04 4.1 img/s ETA 3m12s" in bar
-    assert "segm mAP 0.412 mAP50 0.612 | bbox mAP 0.462" in output
+    assert "segm mAP 0.412 mAP50 0.612 | bbox mAP 0.462 | F1 0.610 @ 0.45" in output
     assert "best segm mAP 0.412 (epoch 1)" in output
     assert "stopped early" in output
     assert "1h02m" in output

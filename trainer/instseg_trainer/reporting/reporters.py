@@ -214,7 +214,8 @@ class TerminalReporter:
             f"mAP50 {_number(segm.get('map50'), '.3f')} | "
             f"bbox mAP {_number(bbox.get('map'), '.3f')}"
         )
-        f_measure = metrics.get("f_measure")
+        # the trainer reports the F-measure at its best threshold under "best"
+        f_measure = (metrics.get("f_measure") or {}).get("best")
         if f_measure:
             line += (
                 f" | F1 {_number(f_measure.get('f_measure'), '.3f')}"
