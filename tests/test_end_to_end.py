@@ -84,6 +84,9 @@ def test_train_eval_predict(template: str, tiny_root: Path, tmp_path: Path) -> N
     _cli("eval", "--weights", str(run / "best.pt"), "--data-roots", str(tiny_root),
          "--subset", "val", "--output", str(out), "--workers", "0")  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
+    validation = next(e for e in events if e["event"] == "validation")["metrics"]
+    for iou_type in ("segm", "bbox"):  # eval of best.pt reproduces the training's validation
+        assert metrics[iou_type]["map"] == pytest.approx(validation[iou_type]["map"], abs=1e-12)
     original = tiny_root / "annotations" / "instances_val.json"
     for iou_type in ("segm", "bbox"):
         for gt in (out / "ground_truth.json", original):  # what we scored == the user's file

@@ -100,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-roots", required=True, type=Path, help="COCO root to score on")
     p.add_argument("--subset", help="subset name when the root has several (default: test, val)")
     p.add_argument("--output", type=Path, default=Path("eval"), help="default: ./eval")
-    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="default: the training's batch size, so that images are padded as in its "
+        "validation and the numbers match it exactly",
+    )
     _add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw detections at or above this score (default: the F-measure-best threshold "
         "found on validation)",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--batch-size", type=_positive_int, help="default: the training's")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_predict)
 

@@ -38,6 +38,7 @@ class TrainedModel:
         self.class_names: list[str] = state["class_names"]
         self.category_ids: list[int] = state["category_ids"]
         self.best: dict = state.get("best", {})
+        self.batch_size: int = state["hyperparameters"]["batch_size"]
         self.threshold: float | None = self.best.get("f_measure_threshold")
         self.model = build_model(
             state["model_config"],
@@ -55,10 +56,12 @@ class TrainedModel:
     def amp_dtype(self) -> torch.dtype | None:
         return torch.bfloat16 if self.device.type == "cuda" else None
 
-    def loader(self, records: list[ImageRecord], batch_size: int, workers: int) -> DataLoader:
+    def loader(
+        self, records: list[ImageRecord], batch_size: int | None, workers: int
+    ) -> DataLoader:
         return DataLoader(
             InstanceSegDataset(records, self.input_size),
-            batch_size=batch_size,
+            batch_size=batch_size or self.batch_size,
             num_workers=workers,
             collate_fn=collate,
         )
@@ -77,7 +80,7 @@ def evaluate_dataset(
     root: Path,
     output: Path,
     subset: str | None = None,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     workers: int = 2,
 ) -> dict:
     """Scores the model on a COCO subset; writes metrics.json, predictions.json (COCO
@@ -137,7 +140,7 @@ def predict_images(
     source: Path,
     output: Path,
     score_threshold: float | None = None,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     workers: int = 2,
 ) -> dict:
     """Overlay PNGs of detections above the threshold, and all detections as COCO results
