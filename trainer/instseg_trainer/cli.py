@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score-threshold",
         type=float,
-        help="draw detections at or above this score (default: the F-measure-best threshold "
+        help="draw detections scoring above this (default: the F-measure-best threshold "
         "found on validation)",
     )
     p.add_argument("--batch-size", type=_positive_int, help="default: the training's")
@@ -251,7 +251,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         trained, args.input, args.output, args.score_threshold, args.batch_size, args.workers
     )
     print(
-        f"{summary['images']} image(s), {summary['drawn']} detection(s) at score >= "
+        f"{summary['images']} image(s), {summary['drawn']} detection(s) scoring above "
         f"{summary['threshold']:.3f}; overlays and predictions.json in {summary['output']}"
     )
     return 0

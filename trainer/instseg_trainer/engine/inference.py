@@ -159,7 +159,7 @@ def predict_images(
                 record.image_id, det["boxes"], det["scores"], ids[det["labels"]], det.get("masks")
             )
         )
-        keep = det["scores"] >= threshold
+        keep = det["scores"] > threshold  # strictly above, as the F-measure counts
         overlay = draw_overlay(
             np.asarray(load_rgb(record)),
             det["boxes"][keep],
