@@ -1,0 +1,295 @@
+"""Pure builders: an InstanceSegTraining resource → the manifests of its children.
+
+No API calls here; handlers create what these return, and tests read them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+GROUP = "instseg.io"
+VERSION = "v1alpha1"
+KIND = "InstanceSegTraining"
+PLURAL = "instancesegtrainings"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DEFAULT_IMAGE = "ghcr.io/instseg/trainer:0.1.0"
+MASTER_PORT = 29500
+DATA_MOUNT = "/data"
+OUTPUT_MOUNT = "/output"
+SHM_MOUNT = "/dev/shm"
+MAX_NAME = 63  # DNS label: Job names end up in pod labels and hostnames
+COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+# spec.hyperparameters key → `instseg train` flag
+HYPERPARAMETER_FLAGS = {
+    "epochs": "--epochs",
+    "batchSize": "--batch-size",
+    "learningRate": "--learning-rate",
+    "inputSize": "--input-size",
+    "warmupIterations": "--warmup-iterations",
+    "earlyStoppingPatience": "--early-stopping-patience",
+    "seed": "--seed",
+    "backboneWeights": "--backbone-weights",
+}
+
+# env names the trainer reads to find (and patch) its own resource
+ENV_NAME = "INSTSEG_RESOURCE_NAME"
+ENV_NAMESPACE = "INSTSEG_RESOURCE_NAMESPACE"
+
+
+def child_name(owner: str, suffix: str) -> str:
+    """`<owner>-<suffix>`, shortened with a stable hash when it would exceed 63 characters,
+    so that the same resource always maps to the same child (no duplicate after a restart)."""
+    name = f"{owner}-{suffix}"
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
+    return f"{owner[: MAX_NAME - len(suffix) - 10]}-{digest}-{suffix}"
+
+
+def job_name(owner: str) -> str:
+    return child_name(owner, "train")
+
+
+def service_name(owner: str) -> str:
+    return child_name(owner, "workers")
+
+
+def service_account_name(owner: str) -> str:
+    return child_name(owner, "trainer")
+
+
+def labels(owner: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "instseg",
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/managed-by": "instseg-operator",
+        f"{GROUP}/training": owner[:MAX_NAME],
+    }
+
+
+def owner_reference(resource: dict) -> dict:
+    meta = resource["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(resource: dict, name: str) -> dict:
+    meta = resource["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(meta["name"]),
+        "ownerReferences": [owner_reference(resource)],
+    }
+
+
+def trainer_command(spec: dict, job: str, service: str) -> list[str]:
+    """The container command: `instseg train ...`, under torchrun when more than one
+    process trains (several GPUs per pod, or several pods)."""
+    train = [
+        "train",
+        spec["template"],
+        "--train-data-roots", f"{DATA_MOUNT}/train",
+        "--val-data-roots", f"{DATA_MOUNT}/val",
+        "--output", OUTPUT_MOUNT,
+        "--device", "auto",
+    ]  # fmt: skip
+    for key, flag in HYPERPARAMETER_FLAGS.items():
+        value = (spec.get("hyperparameters") or {}).get(key)
+        if value is not None:
+            train += [flag, str(value)]
+    workers = int(spec.get("workers", 1))
+    gpus = int((spec.get("resources") or {}).get("gpus", 1))
+    if workers == 1 and gpus <= 1:
+        return ["instseg", *train]
+    return [
+        "torchrun",
+        "--nnodes", str(workers),
+        "--nproc-per-node", str(max(gpus, 1)),
+        "--node-rank", "$(JOB_COMPLETION_INDEX)" if workers > 1 else "0",
+        "--master-addr", f"{job}-0.{service}" if workers > 1 else "127.0.0.1",
+        "--master-port", str(MASTER_PORT),
+        "-m", "instseg_trainer.cli",
+        *train,
+    ]  # fmt: skip
+
+
+def _volumes(spec: dict) -> tuple[list[dict], list[dict]]:
+    """PVC volumes (one per distinct claim) and the mounts of train, val and output."""
+    places = {
+        f"{DATA_MOUNT}/train": (spec["data"]["train"], True),
+        f"{DATA_MOUNT}/val": (spec["data"]["val"], True),
+        OUTPUT_MOUNT: (spec["output"], False),
+    }
+    claims: dict[str, str] = {}
+    volumes, mounts = [], []
+    for path, (source, read_only) in places.items():
+        claim = source["claimName"]
+        if claim not in claims:
+            claims[claim] = f"pvc-{len(claims)}"
+            volumes.append({"name": claims[claim], "persistentVolumeClaim": {"claimName": claim}})
+        mount = {"name": claims[claim], "mountPath": path, "readOnly": read_only}
+        if source.get("subPath"):
+            mount["subPath"] = source["subPath"]
+        mounts.append(mount)
+    # DataLoader workers share batches through /dev/shm; the default 64 MiB is too small
+    volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+    mounts.append({"name": "shm", "mountPath": SHM_MOUNT})
+    return volumes, mounts
+
+
+def _resources(spec: dict) -> dict:
+    wanted = spec.get("resources") or {}
+    limits: dict[str, object] = {}
+    requests: dict[str, object] = {}
+    gpus = int(wanted.get("gpus", 1))
+    if gpus > 0:
+        limits["nvidia.com/gpu"] = gpus
+    for key in ("cpu", "memory"):
+        if wanted.get(key) is not None:
+            requests[key] = limits[key] = wanted[key]
+    out: dict[str, dict] = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> dict:
+    """The batch/v1 Job that runs the trainer for `resource` (Indexed when workers > 1)."""
+    meta, spec = resource["metadata"], resource["spec"]
+    owner = meta["name"]
+    job, service = job_name(owner), service_name(owner)
+    workers = int(spec.get("workers", 1))
+    volumes, mounts = _volumes(spec)
+    env = [
+        {"name": ENV_NAME, "value": owner},
+        {"name": ENV_NAMESPACE, "value": meta["namespace"]},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if workers > 1:
+        env.append(
+            {
+                "name": "JOB_COMPLETION_INDEX",
+                "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}},
+            }
+        )
+    container = {
+        "name": "trainer",
+        "image": spec.get("image") or default_image,
+        "imagePullPolicy": spec.get("imagePullPolicy", "IfNotPresent"),
+        "command": trainer_command(spec, job, service),
+        "env": env,
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}] if workers > 1 else [],
+    }
+    pod_spec: dict = {
+        "serviceAccountName": service_account_name(owner),
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+    }
+    for key in ("nodeSelector", "tolerations", "priorityClassName"):
+        if spec.get(key):
+            pod_spec[key] = spec[key]
+    if workers > 1:
+        pod_spec["subdomain"] = service  # pods resolve as <job>-<index>.<service>
+    job_spec: dict = {
+        "parallelism": workers,
+        "completions": workers,
+        "backoffLimit": int(spec.get("backoffLimit", 3)),
+        "suspend": bool(spec.get("suspend", False)),
+        "template": {"metadata": {"labels": labels(owner)}, "spec": pod_spec},
+    }
+    if workers > 1:
+        job_spec["completionMode"] = "Indexed"
+    for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        if spec.get(key) is not None:
+            job_spec[key] = int(spec[key])
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(resource, job),
+        "spec": job_spec,
+    }
+
+
+def build_headless_service(resource: dict) -> dict:
+    """The headless Service that gives multi-node pods stable DNS names for rendezvous."""
+    owner = resource["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(resource, service_name(owner)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {f"{GROUP}/training": owner[:MAX_NAME]},
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+            # workers must find each other before they are Ready
+            "publishNotReadyAddresses": True,
+        },
+    }
+
+
+def build_service_account(resource: dict) -> dict:
+    owner = resource["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(resource, service_account_name(owner)),
+    }
+
+
+def build_role(resource: dict) -> dict:
+    """May read and patch the status of this one training, nothing else."""
+    owner = resource["metadata"]["name"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(resource, service_account_name(owner)),
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [owner],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def build_role_binding(resource: dict) -> dict:
+    owner = resource["metadata"]["name"]
+    name = service_account_name(owner)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(resource, name),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [
+            {
+                "kind": "ServiceAccount",
+                "name": name,
+                "namespace": resource["metadata"]["namespace"],
+            }
+        ],
+    }
+
+
+def build_children(resource: dict, default_image: str = DEFAULT_IMAGE) -> list[dict]:
+    """Everything a training needs, in creation order (RBAC before the Job that uses it)."""
+    children = [build_service_account(resource), build_role(resource), build_role_binding(resource)]
+    if int(resource["spec"].get("workers", 1)) > 1:
+        children.append(build_headless_service(resource))
+    children.append(build_training_job(resource, default_image))
+    return children

@@ -1,0 +1,170 @@
+"""The operator's pure builders and the CRD: what a user's resource turns into."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from instseg_operator.manifests import (
+    API_VERSION,
+    build_children,
+    build_headless_service,
+    build_role,
+    build_training_job,
+    job_name,
+)
+from instseg_trainer.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = ROOT / "crds" / "instancesegtrainings.yaml"
+
+
+def _resource(**spec_overrides) -> dict:
+    resource = yaml.safe_load((ROOT / "examples" / "training.yaml").read_text())
+    resource["metadata"].update(namespace="team-a", uid="5f0c-uid")
+    resource["spec"].update(spec_overrides)
+    return resource
+
+
+def _container(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_single_gpu_job() -> None:
+    job = build_training_job(_resource(), default_image="registry/instseg:1")
+    assert job["metadata"]["name"] == "shapes-r50-train"
+    assert job["metadata"]["namespace"] == "team-a"
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner == {
+        "apiVersion": API_VERSION, "kind": "InstanceSegTraining", "name": "shapes-r50",
+        "uid": "5f0c-uid", "controller": True, "blockOwnerDeletion": True,
+    }  # fmt: skip
+    assert "completionMode" not in job["spec"] and job["spec"]["completions"] == 1
+    assert job["spec"]["backoffLimit"] == 3 and job["spec"]["suspend"] is False
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == "shapes-r50-trainer"
+    container = _container(job)
+    assert container["image"] == "registry/instseg:1"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1, "cpu": "8", "memory": "32Gi"}
+    assert container["command"][:2] == ["instseg", "train"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["INSTSEG_RESOURCE_NAME"] == "shapes-r50"
+    assert env["INSTSEG_RESOURCE_NAMESPACE"] == "team-a"
+    # train and val share one claim: one volume, mounted twice with the sub path
+    claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in claims] == ["datasets", "instseg-runs"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/data/train"]["subPath"] == "shapes" and mounts["/data/train"]["readOnly"]
+    assert mounts["/output"]["subPath"] == "shapes-r50" and not mounts["/output"]["readOnly"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory" and mounts["/dev/shm"]["name"] == "shm"
+
+
+def test_the_command_is_one_the_trainer_accepts() -> None:
+    resource = _resource(hyperparameters={"epochs": 5, "learningRate": 0.02, "inputSize": 800})
+    command = _container(build_training_job(resource))["command"]
+    args = build_parser().parse_args(command[1:])
+    assert args.command == "train" and args.template == "MaskRCNN-ResNet50"
+    assert (args.epochs, args.learning_rate, args.input_size) == (5, 0.02, 800)
+    assert str(args.train_data_roots) == "/data/train" and str(args.output) == "/output"
+
+
+def test_multi_node_is_an_indexed_job_with_torchrun_and_a_headless_service() -> None:
+    resource = _resource(workers=2, resources={"gpus": 4})
+    job = build_training_job(resource)
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == "shapes-r50-workers"
+    command = _container(job)["command"]
+    assert command[0] == "torchrun"
+    flags = dict(zip(command[1:13:2], command[2:13:2]))
+    assert flags == {
+        "--nnodes": "2", "--nproc-per-node": "4", "--node-rank": "$(JOB_COMPLETION_INDEX)",
+        "--master-addr": "shapes-r50-train-0.shapes-r50-workers", "--master-port": "29500",
+        "-m": "instseg_trainer.cli",
+    }  # fmt: skip
+    build_parser().parse_args(command[command.index("instseg_trainer.cli") + 1 :])
+    env = {e["name"] for e in _container(job)["env"]}
+    assert "JOB_COMPLETION_INDEX" in env  # so that $(JOB_COMPLETION_INDEX) expands
+    service = build_headless_service(resource)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    kinds = [c["kind"] for c in build_children(resource)]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Service", "Job"]
+    assert "Service" not in [c["kind"] for c in build_children(_resource())]
+
+
+def test_names_are_deterministic_and_fit_dns_labels() -> None:
+    long = "a" * 80
+    assert job_name(long) == job_name(long)
+    assert len(job_name(long)) <= 63
+    assert job_name(long) != job_name("a" * 79)
+
+
+def test_trainer_role_may_only_patch_its_own_status() -> None:
+    role = build_role(_resource())
+    assert role["rules"] == [
+        {
+            "apiGroups": ["instseg.io"],
+            "resources": ["instancesegtrainings/status"],
+            "resourceNames": ["shapes-r50"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+
+
+def test_operator_package_never_imports_torch() -> None:
+    code = "import sys, instseg_operator.manifests; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _schema() -> dict:
+    crd = yaml.safe_load(CRD.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_example_resources_validate_against_the_crd() -> None:
+    validator = jsonschema.Draft4Validator(_schema())
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        validator.validate(yaml.safe_load(path.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda s: s.update(template="MaskRCNN-Swin"), "template"),
+        (lambda s: s.update(workers=0), "workers"),
+        (lambda s: s["resources"].update(gpus=-1), "gpus"),
+        (lambda s: s.pop("data"), "data"),
+        (lambda s: s["hyperparameters"].update(inputSize=100), "inputSize"),
+        (lambda s: s["output"].update(claimName="Not_A_Name"), "claimName"),
+    ],
+)
+def test_invalid_resources_are_rejected_naming_the_field(change, field) -> None:
+    resource = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "training.yaml").read_text()))
+    change(resource["spec"])
+    errors = list(jsonschema.Draft4Validator(_schema()).iter_errors(resource))
+    assert errors
+    assert any(field in "/".join(map(str, e.absolute_path)) + e.message for e in errors)
+
+
+def test_printer_columns_point_at_schema_fields() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    version = crd["spec"]["versions"][0]
+    names = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert names[:5] == ["Template", "Phase", "Epoch", "Best mAP", "Age"]
+    schema = version["schema"]["openAPIV3Schema"]
+    for column in version["additionalPrinterColumns"]:
+        node = schema
+        for part in column["jsonPath"].strip(".").split("."):
+            if part == "metadata":
+                break
+            node = node["properties"][part]
