@@ -1,0 +1,154 @@
+"""Pure status mapping: the Job and its Pods → the training's phase, conditions and message.
+
+State lives in the cluster (the Job and its Pods), never in the operator, so a restarted
+operator derives the same status.
+"""
+
+from __future__ import annotations
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
+    "Pending",
+    "Running",
+    "Succeeded",
+    "Failed",
+    "Suspended",
+)
+CONDITION_TYPES = ("Scheduled", "Running", "Succeeded", "Failed", "Suspended")
+# container waiting reasons that mean the pod will not start without the user's help
+STUCK_REASONS = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+}
+
+
+def _job_condition(job: dict, kind: str) -> dict | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def _last_termination(pods: list[dict]) -> dict | None:
+    """The most recent terminated trainer container among the pods (for exit codes)."""
+    latest = None
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or (
+                status.get("lastState") or {}
+            ).get("terminated")
+            if terminated and (
+                latest is None or terminated.get("finishedAt", "") > latest.get("finishedAt", "")
+            ):
+                latest = terminated
+    return latest
+
+
+def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
+    for pod in pods:
+        status = pod.get("status") or {}
+        for condition in status.get("conditions") or []:
+            if (
+                condition.get("type") == "PodScheduled"
+                and condition.get("status") == "False"
+                and condition.get("reason") == "Unschedulable"
+            ):
+                return "Unschedulable", condition.get("message", "no node fits the pod")
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_REASONS:
+                return waiting["reason"], waiting.get("message", waiting["reason"])
+    return None
+
+
+def derive_phase(job: dict | None, pods: list[dict]) -> tuple[str, str, str]:
+    """(phase, reason, message) from the Job and its Pods."""
+    if job is None:
+        return PENDING, "JobNotCreated", "the training Job has not been created yet"
+    failed = _job_condition(job, "Failed")
+    if failed:
+        reason = failed.get("reason", "Failed")
+        message = failed.get("message", "the training Job failed")
+        terminated = _last_termination(pods)
+        if terminated:
+            detail = f"last trainer exit code {terminated.get('exitCode')}"
+            if terminated.get("reason") == "OOMKilled":
+                reason, detail = "OOMKilled", detail + " (OOMKilled: raise spec.resources.memory)"
+            message = f"{message}; {detail}"
+        return FAILED, reason, message
+    if _job_condition(job, "Complete"):
+        return SUCCEEDED, "Completed", "training finished"
+    spec, status = job.get("spec") or {}, job.get("status") or {}
+    if spec.get("suspend") and not status.get("active"):
+        return SUSPENDED, "Suspended", "the Job is suspended; set spec.suspend false to resume"
+    problem = _waiting_problem(pods)
+    if problem:
+        return PENDING, problem[0], problem[1]
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        return RUNNING, "Training", f"{len(running)} trainer pod(s) running"
+    if status.get("failed"):
+        return PENDING, "Restarting", f"{status['failed']} failed attempt(s); retrying"
+    return PENDING, "Starting", "waiting for the trainer pod to start"
+
+
+def _condition_states(phase: str) -> dict[str, bool]:
+    return {
+        "Scheduled": phase in (RUNNING, SUCCEEDED, FAILED),
+        "Running": phase == RUNNING,
+        "Succeeded": phase == SUCCEEDED,
+        "Failed": phase == FAILED,
+        "Suspended": phase == SUSPENDED,
+    }
+
+
+def build_conditions(
+    previous: list[dict], phase: str, reason: str, message: str, now: str, generation: int
+) -> list[dict]:
+    """metav1.Condition list; lastTransitionTime moves only when a condition's status does."""
+    before = {c["type"]: c for c in previous or []}
+    conditions = []
+    for kind, on in _condition_states(phase).items():
+        status = "True" if on else "False"
+        old = before.get(kind)
+        conditions.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason if on or kind == "Scheduled" else "NotApplicable",
+                "message": message if on or kind == "Scheduled" else "",
+                "lastTransitionTime": (
+                    old["lastTransitionTime"] if old and old["status"] == status else now
+                ),
+                "observedGeneration": generation,
+            }
+        )
+    return conditions
+
+
+def training_status(
+    job: dict | None, pods: list[dict], previous: dict, generation: int, now: str
+) -> dict:
+    """The status fields the operator owns (progress is the trainer's)."""
+    phase, reason, message = derive_phase(job, pods)
+    job_status = (job or {}).get("status") or {}
+    status = {
+        "phase": phase,
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": build_conditions(
+            previous.get("conditions", []), phase, reason, message, now, generation
+        ),
+    }
+    if job is not None:
+        status["jobName"] = job["metadata"]["name"]
+    if job_status.get("startTime"):
+        status["startTime"] = job_status["startTime"]
+    if phase in (SUCCEEDED, FAILED):
+        status["completionTime"] = job_status.get("completionTime") or previous.get(
+            "completionTime", now
+        )
+    return status

@@ -1,0 +1,122 @@
+"""Status mapping, table-driven: Job and Pod states → phase, reason, message, conditions."""
+
+from __future__ import annotations
+
+import pytest
+
+from instseg_operator.status import build_conditions, derive_phase, training_status
+
+NOW, LATER = "2026-11-29T10:00:00Z", "2026-11-29T10:05:00Z"
+
+
+def job(suspend=False, active=0, failed=0, conditions=(), start=None, completion=None) -> dict:
+    status = {"active": active, "failed": failed, "conditions": list(conditions)}
+    if start:
+        status["startTime"] = start
+    if completion:
+        status["completionTime"] = completion
+    return {"metadata": {"name": "t-train"}, "spec": {"suspend": suspend}, "status": status}
+
+
+def cond(kind: str, reason: str = "", message: str = "") -> dict:
+    return {"type": kind, "status": "True", "reason": reason, "message": message}
+
+
+def pod(phase="Pending", waiting=None, terminated=None, unschedulable=None) -> dict:
+    status: dict = {"phase": phase, "conditions": [], "containerStatuses": []}
+    if unschedulable:
+        status["conditions"].append(
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": unschedulable}
+        )  # fmt: skip
+    state = {}
+    if waiting:
+        state["waiting"] = {"reason": waiting, "message": f"{waiting} details"}
+    if terminated:
+        state["terminated"] = terminated
+    if state:
+        status["containerStatuses"].append({"name": "trainer", "state": state})
+    return {"status": status}
+
+
+CASES = [
+    ("no job yet", None, [], "Pending", "JobNotCreated"),
+    ("job, pod not started", job(active=1), [pod()], "Pending", "Starting"),
+    ("no node fits", job(active=1), [pod(unschedulable="0/3 nodes: insufficient nvidia.com/gpu")],
+     "Pending", "Unschedulable"),
+    ("bad image", job(active=1), [pod(waiting="ImagePullBackOff")], "Pending", "ImagePullBackOff"),
+    ("training", job(active=1, start=NOW), [pod("Running")], "Running", "Training"),
+    ("retrying after a failure", job(active=1, failed=1), [pod()], "Pending", "Restarting"),
+    ("suspended", job(suspend=True), [], "Suspended", "Suspended"),
+    ("suspending, pod still up", job(suspend=True, active=1), [pod("Running")], "Running",
+     "Training"),
+    ("done", job(conditions=[cond("Complete")], completion=LATER), [pod("Succeeded")],
+     "Succeeded", "Completed"),
+    ("backoff limit", job(failed=4, conditions=[cond("Failed", "BackoffLimitExceeded",
+     "Job has reached the specified backoff limit")]),
+     [pod("Failed", terminated={"exitCode": 2, "reason": "Error", "finishedAt": NOW})],
+     "Failed", "BackoffLimitExceeded"),
+    ("deadline", job(conditions=[cond("Failed", "DeadlineExceeded", "Job was active longer")]),
+     [], "Failed", "DeadlineExceeded"),
+    ("out of memory", job(failed=1, conditions=[cond("Failed", "BackoffLimitExceeded", "limit")]),
+     [pod("Failed", terminated={"exitCode": 137, "reason": "OOMKilled", "finishedAt": NOW})],
+     "Failed", "OOMKilled"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "the_job", "pods", "phase", "reason"), CASES)
+def test_phase_and_reason(case, the_job, pods, phase, reason) -> None:
+    got_phase, got_reason, message = derive_phase(the_job, pods)
+    assert (got_phase, got_reason) == (phase, reason), case
+    assert message
+
+
+def test_failure_message_carries_exit_code_and_advice() -> None:
+    _, _, message = derive_phase(CASES[-1][1], CASES[-1][2])
+    assert "exit code 137" in message and "spec.resources.memory" in message
+    _, _, message = derive_phase(CASES[-3][1], CASES[-3][2])
+    assert "backoff limit" in message and "exit code 2" in message
+
+
+def test_conditions_keep_transition_times_until_status_changes() -> None:
+    first = build_conditions([], "Pending", "Starting", "waiting", NOW, 1)
+    assert {c["type"]: c["status"] for c in first} == {
+        "Scheduled": "False", "Running": "False", "Succeeded": "False", "Failed": "False",
+        "Suspended": "False",
+    }  # fmt: skip
+    second = build_conditions(first, "Running", "Training", "1 pod", LATER, 1)
+    by_type = {c["type"]: c for c in second}
+    assert by_type["Running"]["status"] == "True"
+    assert by_type["Running"]["lastTransitionTime"] == LATER
+    assert by_type["Failed"]["lastTransitionTime"] == NOW  # unchanged status keeps its time
+    for c in second:
+        assert c["reason"] and set(c) >= {"type", "status", "reason", "message",
+                                          "lastTransitionTime"}  # fmt: skip
+
+
+def test_training_status_fields() -> None:
+    done = job(conditions=[cond("Complete")], start=NOW, completion=LATER)
+    status = training_status(done, [pod("Succeeded")], {}, generation=3, now=LATER)
+    assert status["phase"] == "Succeeded" and status["jobName"] == "t-train"
+    assert status["startTime"] == NOW and status["completionTime"] == LATER
+    assert status["observedGeneration"] == 3
+    assert "completionTime" not in training_status(job(active=1), [pod("Running")], {}, 1, NOW)
+
+
+def test_every_status_field_is_declared_in_the_crd() -> None:
+    """Undeclared status fields are pruned by the API server: they would vanish silently."""
+    from pathlib import Path
+
+    import yaml
+
+    crd = yaml.safe_load(
+        (Path(__file__).parents[1] / "crds" / "instancesegtrainings.yaml").read_text()
+    )
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    for _, the_job, pods, _, _ in CASES:
+        status = training_status(the_job, pods, {}, 1, NOW)
+        undeclared = set(status) - set(schema["properties"])
+        assert not undeclared
+        item = schema["properties"]["conditions"]["items"]["properties"]
+        for condition in status["conditions"]:
+            assert set(condition) <= set(item)
