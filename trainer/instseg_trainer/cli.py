@@ -178,6 +178,7 @@ def cmd_templates(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from instseg_trainer.engine.checkpoint import LAST
     from instseg_trainer.engine.trainer import TrainConfig, check_output_dir, train
+    from instseg_trainer.reporting.kubernetes_status import KubernetesStatusReporter
     from instseg_trainer.reporting.reporters import make_reporters
     from instseg_trainer.templates import get_template
 
@@ -207,6 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     is_main = int(os.environ.get("RANK", "0")) == 0
     reporter = make_reporters(check_output_dir(args.output)) if is_main else None
+    if is_main and (kubernetes := KubernetesStatusReporter.from_environment()):
+        reporter.reporters.append(kubernetes)
     try:
         final = train(config, reporter)
     finally:

@@ -8,7 +8,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,6 @@ class TrainConfig:
     resume: bool = False
     stop_after_iterations: int | None = None
     log_interval: int = 10
-    extra_reporters: list[Reporter] = field(default_factory=list)
 
 
 class TrainingDiverged(InstsegError):
@@ -179,7 +178,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
     template, hyper = cfg.template, cfg.template.hyperparameters
     device = dist.device
     output = check_output_dir(cfg.output) if dist.is_main else Path(cfg.output)
-    reporter = MultiReporter([reporter, *cfg.extra_reporters]) if dist.is_main else None
+    # one failing reporter (a status patch, say) must never stop the training
+    reporter = MultiReporter([reporter]) if dist.is_main else None
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals made CPU steps 3-7x slower
     _seed_everything(cfg.seed + dist.rank)

@@ -1,0 +1,146 @@
+"""Kubernetes reporter: the trainer merge-patches `status.progress` of its own resource.
+
+Rate-limited (at most one patch per `min_interval` seconds for iteration events; start,
+validation and final events are sent at once) and never fatal: a failed patch is logged and
+the training goes on. The pod's service account may patch only this resource's status.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from instseg_operator.manifests import ENV_NAME, ENV_NAMESPACE, GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+URGENT_EVENTS = {"start", "validation", "final"}
+
+
+def _finite(value) -> float | None:
+    """JSON has no NaN/inf and the API server rejects them: leave such values out."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def progress_patch(event: dict) -> dict | None:
+    """The `status.progress` fields an event updates (None for events that update none)."""
+    kind = event.get("event")
+    progress: dict = {}
+    if "epoch" in event and "total_epochs" in event:
+        progress.update(
+            epoch=event["epoch"],
+            totalEpochs=event["total_epochs"],
+            epochText=f"{event['epoch']}/{event['total_epochs']}",
+        )
+    if kind == "start":
+        progress.update(totalEpochs=event["total_epochs"], iteration=event["resumed_at_iteration"])
+    if "iteration" in event:
+        progress["iteration"] = event["iteration"]
+    if kind in ("iteration", "epoch"):
+        progress.update(loss=_finite(event.get("loss")), learningRate=event.get("learning_rate"))
+    if kind == "iteration":
+        progress.update(
+            imagesPerSecond=_finite(event.get("images_per_second")),
+            etaSeconds=int(event.get("eta_seconds") or 0),
+        )
+    metrics: dict = {}
+    if kind == "validation":
+        m = event["metrics"]
+        metrics.update(
+            segmMap=m["segm"]["map"],
+            segmMap50=m["segm"]["map50"],
+            bboxMap=m["bbox"]["map"],
+            bboxMap50=m["bbox"]["map50"],
+            fMeasure=m.get("f_measure", {}).get("best", {}).get("f_measure"),
+        )
+    best = event.get("best") or {}
+    if kind in ("validation", "final") and best:
+        metrics.update(
+            bestSegmMap=best.get("segm_map"),
+            bestBboxMap=best.get("bbox_map"),
+            bestEpoch=best.get("epoch"),
+        )
+    if kind == "final":
+        progress.update(etaSeconds=0, epoch=event["epochs"])
+        if event.get("best_checkpoint"):
+            progress["bestCheckpoint"] = event["best_checkpoint"]
+    if metrics:
+        progress["metrics"] = {k: v for k, v in metrics.items() if v is not None}
+    progress = {k: v for k, v in progress.items() if v is not None}
+    return progress or None
+
+
+class KubernetesStatusReporter:
+    """Sends progress to `<namespace>/<name>` of InstanceSegTraining through `api`
+    (a kubernetes CustomObjectsApi)."""
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        api,
+        min_interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name, self.namespace, self.api = name, namespace, api
+        self.min_interval, self.clock = min_interval, clock
+        self._pending: dict = {}
+        self._last_sent: float | None = None
+        self.failures = 0
+
+    @classmethod
+    def from_environment(cls) -> KubernetesStatusReporter | None:
+        """In a pod started by the operator (its env names the resource), else None."""
+        name, namespace = os.environ.get(ENV_NAME), os.environ.get(ENV_NAMESPACE)
+        if not name or not namespace:
+            return None
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException as e:
+            log.warning("%s is set but this is not a pod (%s): no status reports", ENV_NAME, e)
+            return None
+        return cls(name, namespace, client.CustomObjectsApi())
+
+    def report(self, event: dict) -> None:
+        progress = progress_patch(event)
+        if progress is None:
+            return
+        metrics = {**self._pending.get("metrics", {}), **progress.pop("metrics", {})}
+        self._pending.update(progress)
+        if metrics:
+            self._pending["metrics"] = metrics
+        urgent = event.get("event") in URGENT_EVENTS
+        recent = self._last_sent is not None and (
+            self.clock() - self._last_sent < self.min_interval
+        )
+        if urgent or not recent:
+            self._send()
+
+    def _send(self) -> None:
+        if not self._pending:
+            return
+        self._pending["updatedAt"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"status": {"progress": self._pending}}
+        self._last_sent = self.clock()
+        try:
+            self.api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, body, _content_type=MERGE_PATCH
+            )
+        except Exception as e:  # the training matters more than its progress report
+            self.failures += 1
+            log.warning(
+                "could not patch status.progress of %s/%s (%d failure(s)): %s",
+                self.namespace, self.name, self.failures, str(e).splitlines()[0],
+            )  # fmt: skip
+            return
+        self._pending = {}
+
+    def close(self) -> None:
+        self._send()
