@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[trainer,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[trainer,operator,dev]'
 	touch $@
 
 # sample data → train (CPU, random init, a few minutes) → eval → overlay pictures

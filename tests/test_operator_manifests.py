@@ -122,7 +122,10 @@ def test_trainer_role_may_only_patch_its_own_status() -> None:
 
 
 def test_operator_package_never_imports_torch() -> None:
-    code = "import sys, instseg_operator.manifests; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, instseg_operator.manifests, instseg_operator.status, "
+        "instseg_operator.metrics; sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
