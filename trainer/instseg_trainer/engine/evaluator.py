@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -10,10 +11,15 @@ from torch import nn
 
 from instseg_trainer.engine.distributed import Distributed
 from instseg_trainer.evaluation.coco_eval import evaluate, to_coco_results
-from instseg_trainer.evaluation.f_measure import best_f_measure, f_measure_at
+from instseg_trainer.evaluation.f_measure import f_measures
 from instseg_trainer.models.mask_rcnn import predict_batch, to_model_input
 
 MASK_THRESHOLD = 0.5
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA; none on CPU (measured 7x slower there without AMX)."""
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def detections_to_numpy(detection: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -68,21 +74,8 @@ def score(ground_truth: dict, results: list[dict], threshold: float | None = Non
     """bbox/segm COCO metrics, and the segm F-measure: the best over thresholds, and the one
     at `threshold` (the threshold chosen on validation) when given."""
     metrics = evaluate(ground_truth, results)
-    best = best_f_measure(ground_truth, results, iou_type="segm")
-    metrics["f_measure"] = {
-        "best": {
-            "f_measure": best.f_measure,
-            "precision": best.precision,
-            "recall": best.recall,
-            "threshold": best.threshold,
-        }
-    }
-    if threshold is not None:
-        at = f_measure_at(ground_truth, results, threshold, iou_type="segm")
-        metrics["f_measure"]["at_threshold"] = {
-            "f_measure": at.f_measure,
-            "precision": at.precision,
-            "recall": at.recall,
-            "threshold": at.threshold,
-        }
+    best, at = f_measures(ground_truth, results, threshold, iou_type="segm")
+    metrics["f_measure"] = {"best": asdict(best)}
+    if at is not None:
+        metrics["f_measure"]["at_threshold"] = asdict(at)
     return metrics

@@ -15,7 +15,7 @@ from instseg_trainer.data.coco import ImageRecord, image_size, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
 from instseg_trainer.engine.checkpoint import load_checkpoint
 from instseg_trainer.engine.distributed import Distributed, resolve_device
-from instseg_trainer.engine.evaluator import coco_results, predict, score
+from instseg_trainer.engine.evaluator import amp_dtype, coco_results, predict, score
 from instseg_trainer.errors import CheckpointError, DataError
 from instseg_trainer.evaluation.coco_eval import to_coco_results
 from instseg_trainer.models.mask_rcnn import build_model
@@ -54,7 +54,7 @@ class TrainedModel:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.device.type == "cuda" else None
+        return amp_dtype(self.device)
 
     def loader(
         self, records: list[ImageRecord], batch_size: int | None, workers: int

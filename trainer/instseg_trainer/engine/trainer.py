@@ -7,6 +7,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from instseg_trainer.engine.checkpoint import (
 from instseg_trainer.engine.distributed import Distributed, setup_distributed
 from instseg_trainer.engine.early_stopping import EarlyStopping
 from instseg_trainer.engine.ema import build_ema
-from instseg_trainer.engine.evaluator import coco_results, score
+from instseg_trainer.engine.evaluator import amp_dtype, coco_results, score
 from instseg_trainer.engine.schedule import WarmupPlateauSchedule
 from instseg_trainer.errors import CheckpointError, DataError, InstsegError
 from instseg_trainer.models.mask_rcnn import build_model, to_model_input
@@ -97,8 +98,6 @@ class _StopSignal:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -140,10 +139,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def _loader(
@@ -294,7 +289,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         InstanceSegDataset(val_set.records, template.input_size), val_sampler, batch_size, cfg
     )
     ground_truth = val_set.ground_truth()
-    amp_dtype = _amp_dtype(device)
+    autocast_dtype = amp_dtype(device)
     if reporter:
         reporter.report(
             {
@@ -319,7 +314,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
             train_sampler.set_epoch(pos.epoch, skip=pos.epoch_step * batch_size)
             timing.update(epoch_start=time.monotonic(), epoch_loss=0.0, epoch_steps=0)
             interrupted = _train_one_epoch(
-                net, ema, optimizer, schedule, train_loader, device, amp_dtype, pos, cfg,
+                net, ema, optimizer, schedule, train_loader, device, autocast_dtype, pos, cfg,
                 iterations_per_epoch, total_epochs, reporter, stop, timing, dist,
             )  # fmt: skip
             if interrupted:
@@ -347,7 +342,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
 
             t0 = time.monotonic()
             results = coco_results(
-                ema.module, val_loader, device, val_set.category_ids, dist, amp_dtype
+                ema.module, val_loader, device, val_set.category_ids, dist, autocast_dtype
             )
             metrics = dist.broadcast(score(ground_truth, results) if dist.is_main else None)
             timing["val_seconds"] = time.monotonic() - t0

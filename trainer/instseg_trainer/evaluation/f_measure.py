@@ -47,7 +47,19 @@ def best_f_measure(ground_truth: dict, results: list[dict], iou_type: str = "seg
     Ties go to the highest threshold; when no threshold gives a positive F-measure the result
     is reported at OTX's default threshold of 0.1.
     """
+    return _best(_match(ground_truth, results, iou_type))
+
+
+def f_measures(
+    ground_truth: dict, results: list[dict], threshold: float | None, iou_type: str = "segm"
+) -> tuple[FMeasure, FMeasure | None]:
+    """The best F-measure and, when `threshold` is given, the one at it: one matching pass."""
     matches = _match(ground_truth, results, iou_type)
+    at = _f_measure(matches, threshold) if threshold is not None else None
+    return _best(matches), at
+
+
+def _best(matches: _Matches) -> FMeasure:
     curve = [_f_measure(matches, float(threshold)) for threshold in CONFIDENCE_THRESHOLDS]
     f_values = np.array([point.f_measure for point in curve])
     if f_values.max() <= 0.0:
