@@ -117,10 +117,13 @@ def test_non_finite_numbers_are_left_out() -> None:
 
 def test_no_reporter_outside_a_pod(monkeypatch) -> None:
     monkeypatch.delenv("INSTSEG_RESOURCE_NAME", raising=False)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
     assert KubernetesStatusReporter.from_environment() is None
     monkeypatch.setenv("INSTSEG_RESOURCE_NAME", "x")
     monkeypatch.setenv("INSTSEG_RESOURCE_NAMESPACE", "y")
     assert KubernetesStatusReporter.from_environment() is None  # no service account here
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")
+    assert KubernetesStatusReporter.from_environment() is None  # unreadable: no reports
 
 
 def test_every_progress_field_survives_crd_pruning() -> None:

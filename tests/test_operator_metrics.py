@@ -50,8 +50,10 @@ def test_transitions_count_and_deleted_trainings_disappear() -> None:
     metrics.count_created("MaskRCNN-ResNet50")
     metrics.observe(_training("a", "Pending"))
     metrics.observe(_training("a", "Running", {"epoch": 1, "totalEpochs": 2, "loss": 1.0}))
+    metrics.count_transition("MaskRCNN-ResNet50", "Running")
+    metrics.count_transition("MaskRCNN-ResNet50", "Succeeded")
     metrics.observe(_training("a", "Succeeded", {"epoch": 2, "totalEpochs": 2, "loss": 0.5}))
-    metrics.observe(_training("b", "Failed"))  # first seen already failed (operator restart)
+    metrics.observe(_training("b", "Failed"))  # only seen, not written: not counted
     template = {"template": "MaskRCNN-ResNet50"}
     assert _value(registry, "instseg_trainings_created_total", **template) == 1
     assert _value(registry, "instseg_trainings_succeeded_total", **template) == 1

@@ -6,6 +6,7 @@ No API calls here; handlers create what these return, and tests read them direct
 from __future__ import annotations
 
 import hashlib
+import json
 
 GROUP = "instseg.io"
 VERSION = "v1alpha1"
@@ -32,6 +33,11 @@ HYPERPARAMETER_FLAGS = {
     "seed": "--seed",
     "backboneWeights": "--backbone-weights",
 }
+
+# annotations: the full training name (labels stop at 63 characters) and a digest of the Job
+# spec the operator built, to tell whether a spec change needs a new Job
+TRAINING_ANNOTATION = f"{GROUP}/training-name"
+SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
 
 # env names the trainer reads to find (and patch) its own resource
 ENV_NAME = "INSTSEG_RESOURCE_NAME"
@@ -209,19 +215,28 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         "completions": workers,
         "backoffLimit": int(spec.get("backoffLimit", 3)),
         "suspend": bool(spec.get("suspend", False)),
-        "template": {"metadata": {"labels": labels(owner)}, "spec": pod_spec},
+        "template": {
+            "metadata": {"labels": labels(owner), "annotations": {TRAINING_ANNOTATION: owner}},
+            "spec": pod_spec,
+        },
     }
     if workers > 1:
         job_spec["completionMode"] = "Indexed"
     for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
         if spec.get(key) is not None:
             job_spec[key] = int(spec[key])
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(resource, job),
-        "spec": job_spec,
+    metadata = _metadata(resource, job)
+    metadata["annotations"] = {
+        TRAINING_ANNOTATION: owner,
+        SPEC_HASH_ANNOTATION: spec_hash(job_spec),
     }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+def spec_hash(job_spec: dict) -> str:
+    """Digest of everything in a Job spec except `suspend` (which is patched in place)."""
+    fixed = {key: value for key, value in job_spec.items() if key != "suspend"}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_headless_service(resource: dict) -> dict:

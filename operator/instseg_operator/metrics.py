@@ -64,6 +64,14 @@ class TrainingMetrics:
         """Called by the create handler, once per new resource."""
         self.created.labels(template).inc()
 
+    def count_transition(self, template: str, phase: str) -> None:
+        """Called by whoever writes a new phase into a training's status (the operator), so
+        each success or failure is counted once, also across operator restarts."""
+        if phase == "Succeeded":
+            self.succeeded.labels(template).inc()
+        elif phase == "Failed":
+            self.failed.labels(template).inc()
+
     def observe(self, resource: dict) -> None:
         """Updates every series of one training from its current status."""
         meta, spec = resource["metadata"], resource.get("spec") or {}
@@ -72,14 +80,7 @@ class TrainingMetrics:
         labels = (meta["namespace"], meta["name"], spec.get("template", ""))
         self._labels[key] = labels
         phase = status.get("phase")
-        previous = self._phases.get(key)
-        if phase and phase != previous:
-            # count transitions seen by this process only: after an operator restart the
-            # first sight of a finished training is not a new success (counters restart at 0)
-            if previous is not None and phase == "Succeeded":
-                self.succeeded.labels(labels[2]).inc()
-            elif previous is not None and phase == "Failed":
-                self.failed.labels(labels[2]).inc()
+        if phase and phase != self._phases.get(key):
             self._phases[key] = phase
             self._count_phases()
         progress = status.get("progress") or {}

@@ -104,8 +104,16 @@ class KubernetesStatusReporter:
         try:
             config.load_incluster_config()
         except config.ConfigException as e:
-            log.warning("%s is set but this is not a pod (%s): no status reports", ENV_NAME, e)
-            return None
+            # outside a pod (a trainer started by hand, or the test cluster's local
+            # "kubelet"), an explicit KUBECONFIG names the credentials to report with
+            if not os.environ.get("KUBECONFIG"):
+                log.warning("%s is set but this is not a pod (%s): no status reports", ENV_NAME, e)
+                return None
+            try:
+                config.load_kube_config()
+            except (config.ConfigException, OSError) as e2:
+                log.warning("cannot load $KUBECONFIG (%s): no status reports", e2)
+                return None
         return cls(name, namespace, client.CustomObjectsApi())
 
     def report(self, event: dict) -> None:

@@ -1,0 +1,141 @@
+"""The operator's calls to the Kubernetes API, on plain dicts, through the kubernetes client.
+
+One place lists every (resource, verb) the operator uses (`API_USE`), so that the Helm
+chart's ClusterRole can be checked against the code: it must grant exactly these.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from . import manifests as mf
+
+# kind → (API path prefix, plural); namespaced kinds only
+KINDS = {
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Service": ("/api/v1", "services"),
+    "Pod": ("/api/v1", "pods"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Event": ("/api/v1", "events"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    mf.KIND: (f"/apis/{mf.GROUP}/{mf.VERSION}", mf.PLURAL),
+}
+
+# (API group, resource) → verbs this module (and kopf, for the trainings) needs, with reasons;
+# the chart's ClusterRole is tested against it
+API_USE = {
+    (mf.GROUP, mf.PLURAL): {
+        "list",
+        "watch",  # kopf watches trainings
+        "get",  # re-read before deriving status
+        "patch",  # kopf's progress annotations
+    },
+    (mf.GROUP, f"{mf.PLURAL}/status"): {"patch"},  # phase, conditions, message
+    ("batch", "jobs"): {"list", "watch", "get", "create", "patch", "delete"},
+    ("", "pods"): {"list", "watch"},  # status is derived from the Job's pods
+    ("", "persistentvolumeclaims"): {"get"},  # data and output volumes must exist
+    ("", "serviceaccounts"): {"get", "create"},
+    ("", "services"): {"get", "create"},  # headless Service of multi-node trainings
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
+    ("", "events"): {"create"},  # kopf.event()
+    ("events.k8s.io", "events"): {"create"},  # kopf posts to either API
+}
+
+
+class ApiError(Exception):
+    """An API call failed; `status` is the HTTP code and `reason` the Status reason."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+    @classmethod
+    def from_exception(cls, e: ApiException) -> ApiError:
+        try:
+            body = json.loads(e.body or "{}")
+        except ValueError:
+            body = {}
+        return cls(
+            e.status or 0, body.get("reason") or str(e.reason), body.get("message") or str(e)
+        )
+
+
+def load_config() -> None:
+    """In a pod: its service account; elsewhere: the kubeconfig ($KUBECONFIG or ~/.kube)."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class Cluster:
+    """Typed-enough access to the objects the operator touches, as JSON dicts."""
+
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api = api_client or client.ApiClient()
+
+    def _path(self, kind: str, namespace: str, name: str | None = None, sub: str = "") -> str:
+        prefix, plural = KINDS[kind]
+        path = f"{prefix}/namespaces/{quote(namespace)}/{plural}"
+        if name is not None:
+            path += f"/{quote(name)}"
+        return path + (f"/{sub}" if sub else "")
+
+    def _call(self, method: str, path: str, body=None, query=None, content_type=None) -> dict:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            response = self.api.call_api(
+                path, method, query_params=query or [], header_params=headers, body=body,
+                auth_settings=["BearerToken"], _preload_content=False,
+                _return_http_data_only=True, _request_timeout=30,
+            )  # fmt: skip
+        except ApiException as e:
+            raise ApiError.from_exception(e) from None
+        data = response.data
+        return json.loads(data) if data else {}
+
+    def get(self, kind: str, namespace: str, name: str) -> dict | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self._call("GET", self._path(kind, namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str, selector: dict[str, str]) -> list[dict]:
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in selector.items()))]
+        return self._call("GET", self._path(kind, namespace), query=query).get("items") or []
+
+    def create(self, manifest: dict) -> dict:
+        meta = manifest["metadata"]
+        return self._call("POST", self._path(manifest["kind"], meta["namespace"]), body=manifest)
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict, sub: str = "") -> dict:
+        return self._call(
+            "PATCH", self._path(kind, namespace, name, sub), body=patch,
+            content_type="application/merge-patch+json",
+        )  # fmt: skip
+
+    def delete(self, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
+        try:
+            self._call(
+                "DELETE", self._path(kind, namespace, name),
+                body={"kind": "DeleteOptions", "apiVersion": "v1",
+                      "propagationPolicy": propagation},
+            )  # fmt: skip
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
+    def patch_training_status(self, namespace: str, name: str, status: dict) -> dict:
+        return self.patch(mf.KIND, namespace, name, {"status": status}, sub="status")

@@ -1,0 +1,309 @@
+"""kopf handlers: an InstanceSegTraining → its children; Job and Pod events → its status;
+its status → Prometheus series.
+
+Run with `kopf run -m instseg_operator.handlers --all-namespaces` (or `instseg-operator`,
+which adds the flags from the environment). The handlers are level-based: every decision is
+taken from what the API server holds (the resource, its Job and the Job's Pods), never from
+this process's memory, so a restarted operator carries on where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import kopf
+from prometheus_client import start_http_server
+
+from . import manifests as mf
+from . import status as st
+from .cluster import ApiError, Cluster, load_config
+from .metrics import TrainingMetrics
+from .validation import claims, spec_problems
+
+TRAINING = (mf.GROUP, mf.VERSION, mf.PLURAL)
+MANAGED = {"app.kubernetes.io/managed-by": "instseg-operator"}
+# how long to wait before looking again for a missing volume
+VOLUME_RETRY_SECONDS = 15
+
+METRICS = TrainingMetrics()
+_state: dict[str, object] = {}
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def cluster() -> Cluster:
+    if "cluster" not in _state:
+        load_config()
+        _state["cluster"] = Cluster()
+    return _state["cluster"]  # type: ignore[return-value]
+
+
+def default_image() -> str:
+    return os.environ.get("INSTSEG_TRAINER_IMAGE") or mf.DEFAULT_IMAGE
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _plain(body: Mapping) -> dict:
+    """A kopf Body (a read-only mapping) as the plain dict the pure builders take."""
+    return {key: body[key] for key in body}
+
+
+@contextmanager
+def _training_lock(namespace: str, name: str) -> Iterator[None]:
+    """One status writer per training at a time (Job and Pod events arrive concurrently)."""
+    with _locks_guard:
+        lock = _locks.setdefault((namespace, name), threading.Lock())
+    with lock:
+        yield
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> None:
+    # handler progress and the last handled spec live in annotations under our own prefix;
+    # kopf's default would also write status.kopf, which the CRD schema prunes
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=mf.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=mf.GROUP, key="last-handled-configuration"
+    )
+    # Events: only the ones posted explicitly below (one per transition), not log lines
+    settings.posting.loggers = False
+    settings.execution.max_workers = int(os.environ.get("INSTSEG_MAX_WORKERS", "16"))
+    if os.environ.get("INSTSEG_PEERING_PRIORITY"):
+        settings.peering.priority = int(os.environ["INSTSEG_PEERING_PRIORITY"])
+    elif settings.peering.priority == 0:
+        # equal priorities make every replica pause; the replica that started first wins
+        # instead, and a later one stays idle until the first is gone
+        settings.peering.priority = 2**31 - int(time.time())
+    cluster()
+    port = int(os.environ.get("INSTSEG_METRICS_PORT", "8000"))
+    if port and "metrics" not in _state:
+        start_http_server(port, addr=os.environ.get("INSTSEG_METRICS_ADDRESS", "0.0.0.0"))
+        _state["metrics"] = port
+        logger.info("Prometheus metrics on :%d/metrics", port)
+
+
+def _set_status(
+    training: dict, phase: str, reason: str, message: str, event_type: str | None
+) -> None:
+    """Writes an operator-decided status (before there is a Job) and posts an Event when
+    the phase, reason or message changed."""
+    meta, previous = training["metadata"], training.get("status") or {}
+    generation = meta.get("generation", 1)
+    unchanged = (
+        previous.get("phase") == phase
+        and previous.get("message") == message
+        and previous.get("observedGeneration") == generation
+    )
+    if unchanged:
+        return
+    status = {
+        "phase": phase,
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": st.build_conditions(
+            previous.get("conditions", []), phase, reason, message, _now(), generation
+        ),
+    }
+    cluster().patch_training_status(meta["namespace"], meta["name"], status)
+    if phase != previous.get("phase"):
+        METRICS.count_transition(training["spec"].get("template", ""), phase)
+    if event_type:
+        kopf.event(training, type=event_type, reason=reason, message=message)
+
+
+def _owned_by(child: dict, training: dict) -> bool:
+    uid = training["metadata"]["uid"]
+    return any(ref.get("uid") == uid for ref in child["metadata"].get("ownerReferences") or [])
+
+
+def _ensure_child(manifest: dict, training: dict, logger: logging.Logger) -> tuple[dict, bool]:
+    """(the child in the cluster, whether it was created now). Creating is idempotent: the
+    name is deterministic, so an AlreadyExists means an earlier attempt (or operator)
+    created it."""
+    kind, meta = manifest["kind"], manifest["metadata"]
+    try:
+        return cluster().create(manifest), True
+    except ApiError as e:
+        if e.status != 409:
+            raise
+    existing = cluster().get(kind, meta["namespace"], meta["name"])
+    if existing is None:  # deleted between the two calls
+        raise kopf.TemporaryError(f"{kind} {meta['name']} vanished; retrying", delay=1)
+    if not _owned_by(existing, training):
+        if existing["metadata"].get("deletionTimestamp"):
+            raise kopf.TemporaryError(f"waiting for the old {kind} {meta['name']} to go", delay=2)
+        message = (
+            f"a {kind} named {meta['name']} already exists and does not belong to this "
+            "training; delete it or rename the training"
+        )
+        kopf.event(training, type="Warning", reason="NameConflict", message=message)
+        raise kopf.TemporaryError(message, delay=30)
+    logger.debug("%s %s exists already", kind, meta["name"])
+    return existing, False
+
+
+def _missing_volume(training: dict) -> str | None:
+    meta = training["metadata"]
+    for claim, field in claims(training["spec"]).items():
+        if cluster().get("PersistentVolumeClaim", meta["namespace"], claim) is None:
+            return (
+                f'{field}: PersistentVolumeClaim "{claim}" not found in namespace '
+                f'"{meta["namespace"]}"; create it (see examples/pvc.yaml) and the training '
+                "starts by itself"
+            )
+    return None
+
+
+def ensure(training: dict, logger: logging.Logger) -> None:
+    """Brings the children of a training in line with its spec, then refreshes its status."""
+    meta, spec = training["metadata"], training["spec"]
+    namespace, name = meta["namespace"], meta["name"]
+    if meta.get("deletionTimestamp"):
+        return
+    with _training_lock(namespace, name):
+        problems = spec_problems(spec)
+        if problems:
+            message = "invalid spec: " + "; ".join(problems)
+            _set_status(training, st.FAILED, "InvalidSpec", message, "Warning")
+            raise kopf.PermanentError(message)
+        job = cluster().get("Job", namespace, mf.job_name(name))
+        status = training.get("status") or {}
+        if (
+            job is None
+            and status.get("phase") in (st.SUCCEEDED, st.FAILED)
+            and status.get("observedGeneration") == meta.get("generation")
+            and status.get("jobName")
+        ):
+            # finished, and its Job removed (ttlSecondsAfterFinished): nothing to redo
+            return
+        missing = _missing_volume(training)
+        if missing:
+            _set_status(training, st.PENDING, "VolumeNotFound", missing, "Warning")
+            raise kopf.TemporaryError(missing, delay=VOLUME_RETRY_SECONDS)
+        wanted = mf.build_children(training, default_image())
+        for manifest in wanted[:-1]:
+            _ensure_child(manifest, training, logger)
+        job, created = _ensure_child(wanted[-1], training, logger)
+        if created:
+            workers = int(spec.get("workers", 1))
+            gpus = int((spec.get("resources") or {}).get("gpus", 1))
+            kopf.event(
+                training, type="Normal", reason="JobCreated",
+                message=f"created Job {job['metadata']['name']} "
+                        f"({workers} worker(s) × {gpus} GPU(s), template {spec['template']})",
+            )  # fmt: skip
+        else:
+            _update_job(job, wanted[-1], training)
+    refresh(namespace, name, logger)
+
+
+def _update_job(job: dict, wanted: dict, training: dict) -> None:
+    """A Job's pod template is immutable: a changed spec means a new Job (the trainer
+    resumes from the checkpoint on the output volume); suspend is patched in place."""
+    meta = job["metadata"]
+    digest = (meta.get("annotations") or {}).get(mf.SPEC_HASH_ANNOTATION)
+    if digest != wanted["metadata"]["annotations"][mf.SPEC_HASH_ANNOTATION]:
+        if (job.get("status") or {}).get("active"):
+            kopf.event(
+                training, type="Warning", reason="SpecChangeIgnored",
+                message="spec changed while the trainer runs; suspend the training first",
+            )  # fmt: skip
+            return
+        cluster().delete("Job", meta["namespace"], meta["name"])
+        kopf.event(
+            training, type="Normal", reason="JobReplaced",
+            message=f"spec changed: replacing Job {meta['name']}; training resumes from "
+                    "its last checkpoint",
+        )  # fmt: skip
+        raise kopf.TemporaryError("waiting for the old Job to be deleted", delay=1)
+    suspend = wanted["spec"]["suspend"]
+    if bool(job["spec"].get("suspend")) != suspend:
+        cluster().patch("Job", meta["namespace"], meta["name"], {"spec": {"suspend": suspend}})
+        kopf.event(
+            training, type="Normal", reason="Suspending" if suspend else "Resuming",
+            message="suspending the Job (the trainer saves a checkpoint)" if suspend
+                    else "resuming the Job from the last checkpoint",
+        )  # fmt: skip
+
+
+def _comparable(status: dict) -> dict:
+    return {key: value for key, value in status.items() if key != "progress"}
+
+
+def refresh(namespace: str, name: str, logger: logging.Logger) -> None:
+    """Derives the training's status from its Job and Pods and writes what changed."""
+    with METRICS.reconcile_seconds.time(), _training_lock(namespace, name):
+        training = cluster().get(mf.KIND, namespace, name)
+        if training is None or training["metadata"].get("deletionTimestamp"):
+            return
+        job = cluster().get("Job", namespace, mf.job_name(name))
+        if job is None or not _owned_by(job, training):
+            return  # before the Job (ensure writes that status) or after its TTL deletion
+        pods = cluster().list(
+            "Pod", namespace, {"batch.kubernetes.io/controller-uid": job["metadata"]["uid"]}
+        )
+        previous = training.get("status") or {}
+        generation = training["metadata"].get("generation", 1)
+        new = st.training_status(job, pods, previous, generation, _now())
+        if {k: previous.get(k) for k in new} == new:
+            return
+        cluster().patch_training_status(namespace, name, new)
+        phase, before = new["phase"], previous.get("phase")
+        if phase == before:
+            return
+        METRICS.count_transition(training["spec"].get("template", ""), phase)
+        logger.info("%s/%s: %s → %s (%s)", namespace, name, before, phase, new["message"])
+        # the Scheduled condition always carries the reason of the derived phase
+        reason = next(c["reason"] for c in new["conditions"] if c["type"] == "Scheduled")
+        kopf.event(
+            training, type="Warning" if phase == st.FAILED else "Normal",
+            reason=reason, message=f"{phase}: {new['message']}",
+        )  # fmt: skip
+
+
+@kopf.on.create(*TRAINING)
+def on_create(body: kopf.Body, logger: logging.Logger, retry: int, **_) -> None:
+    training = _plain(body)
+    if retry == 0:
+        METRICS.count_created(training["spec"].get("template", ""))
+    with METRICS.reconcile_seconds.time():
+        ensure(training, logger)
+
+
+@kopf.on.resume(*TRAINING)
+@kopf.on.update(*TRAINING, field="spec")
+def on_change(body: kopf.Body, logger: logging.Logger, **_) -> None:
+    with METRICS.reconcile_seconds.time():
+        ensure(_plain(body), logger)
+
+
+@kopf.on.event(*TRAINING)
+def on_training_event(event: kopf.RawEvent, body: kopf.Body, **_) -> None:
+    """Every change of a training (its progress patches included) updates its series."""
+    if event["type"] == "DELETED":
+        METRICS.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+    else:
+        METRICS.observe(_plain(body))
+
+
+def _training_of(body: kopf.Body) -> str | None:
+    annotations = body["metadata"].get("annotations") or {}
+    return annotations.get(mf.TRAINING_ANNOTATION)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+def on_child_event(body: kopf.Body, logger: logging.Logger, **_) -> None:
+    """A Job or Pod of a training changed: derive the training's status again."""
+    name = _training_of(body)
+    if name:
+        refresh(body["metadata"]["namespace"], name, logger)
