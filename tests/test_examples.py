@@ -1,0 +1,161 @@
+"""The examples a user copies: valid against the CRD (schema and CEL rules, as the API server
+checks them), consistent with each other, and bad variants rejected with a clear message."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from instseg_operator import manifests as mf
+from tests.kube.schema import apply_schema, load_crds, validate_resource
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+CRD = load_crds(ROOT / "crds" / "instancesegtrainings.yaml")[0]
+SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+TRAININGS = sorted(EXAMPLES.glob("training*.yaml"))
+KUBE_VERSION = "1.34.0"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((EXAMPLES / name).read_text())
+
+
+def test_the_three_trainings_are_there():
+    assert [p.name for p in TRAININGS] == [
+        "training-kueue.yaml",
+        "training-multinode.yaml",
+        "training.yaml",
+    ]
+
+
+@pytest.mark.parametrize("path", TRAININGS, ids=lambda p: p.name)
+def test_example_is_a_valid_training(path):
+    (training,) = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert (training["apiVersion"], training["kind"]) == (mf.API_VERSION, mf.KIND)
+    assert validate_resource(CRD, training) == []
+
+
+def test_pvc_example_is_valid_and_holds_every_claim_the_trainings_use():
+    claims = [doc for doc in yaml.safe_load_all((EXAMPLES / "pvc.yaml").read_text()) if doc]
+    for claim in claims:
+        kubernetes_validate.validate(claim, KUBE_VERSION, strict=True)
+    names = {claim["metadata"]["name"] for claim in claims}
+    for path in TRAININGS:
+        spec = yaml.safe_load(path.read_text())["spec"]
+        used = {spec["data"]["train"]["claimName"], spec["data"]["val"]["claimName"]}
+        assert used | {spec["output"]["claimName"]} <= names, path.name
+
+
+def test_single_gpu_example_makes_a_one_gpu_job():
+    job = mf.build_training_job({**load("training.yaml"), "metadata": _meta("shapes-r50")})
+    (trainer,) = job["spec"]["template"]["spec"]["containers"]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert job["spec"]["completions"] == 1
+    assert trainer["command"][0] == "instseg"
+
+
+def test_multinode_example_makes_two_workers_with_four_gpus_each():
+    training = {**load("training-multinode.yaml"), "metadata": _meta("coco-r50-2x4")}
+    children = mf.build_children(training)
+    job = children[-1]
+    (trainer,) = job["spec"]["template"]["spec"]["containers"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert trainer["command"][:5] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4"]
+    assert "Service" in [child["kind"] for child in children]
+
+
+def test_kueue_example_is_queued_and_suspended():
+    training = load("training-kueue.yaml")
+    assert training["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert training["spec"]["suspend"] is True
+    meta = {**_meta("shapes-effnet-queued"), "labels": training["metadata"]["labels"]}
+    job = mf.build_training_job({**training, "metadata": meta})
+    assert job["spec"]["suspend"] is True
+    # Kueue finds the Job by its queue label and admits it by setting suspend false; the
+    # operator records what it asked for, so it does not suspend an admitted Job again
+    queue = training["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
+    assert job["metadata"]["annotations"][mf.SUSPEND_ANNOTATION] == "true"
+
+
+def _meta(name: str) -> dict:
+    return {"name": name, "namespace": "team-a", "uid": "0000"}
+
+
+# ------------------------------------------------------------------------ invalid resources
+
+
+def _broken(change) -> dict:
+    training = copy.deepcopy(load("training.yaml"))
+    change(training["spec"])
+    return training
+
+
+INVALID = {
+    "unknown template": (
+        lambda spec: spec.update(template="MaskRCNN-ResNet18"),
+        'spec.template: Unsupported value: "MaskRCNN-ResNet18": supported values: '
+        '"MaskRCNN-EfficientNetB2B", "MaskRCNN-ResNet50", "MaskRCNN-ConvNeXt"',
+    ),
+    "negative GPUs": (
+        lambda spec: spec["resources"].update(gpus=-1),
+        "spec.resources.gpus: Invalid value: -1: spec.resources.gpus in body should be "
+        "greater than or equal to 0",
+    ),
+    "zero workers": (
+        lambda spec: spec.update(workers=0),
+        "spec.workers: Invalid value: 0: spec.workers in body should be greater than or equal to 1",
+    ),
+    "missing data": (lambda spec: spec.pop("data"), "spec.data: Required value"),
+    "missing val data": (lambda spec: spec["data"].pop("val"), "spec.data.val: Required value"),
+    "missing claim": (
+        lambda spec: spec["output"].pop("claimName"),
+        "spec.output.claimName: Required value",
+    ),
+    "claim name with capitals": (
+        lambda spec: spec["output"].update(claimName="Runs"),
+        'spec.output.claimName: Invalid value: "Runs": spec.output.claimName in body should match',
+    ),
+    "subPath escaping the claim": (
+        lambda spec: spec["data"]["train"].update(subPath="../other-team"),
+        'spec.data.train.subPath: Invalid value: "string": subPath must be relative and must '
+        "not contain '..'",
+    ),
+    "absolute subPath": (
+        lambda spec: spec["output"].update(subPath="/runs"),
+        'spec.output.subPath: Invalid value: "string": subPath must be relative',
+    ),
+    "input size not a multiple of 32": (
+        lambda spec: spec["hyperparameters"].update(inputSize=500),
+        "spec.hyperparameters.inputSize in body should be a multiple of 32",
+    ),
+    "zero learning rate": (
+        lambda spec: spec["hyperparameters"].update(learningRate=0),
+        "spec.hyperparameters.learningRate in body should be greater than 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("change, message", INVALID.values(), ids=INVALID.keys())
+def test_invalid_training_is_rejected_with_a_clear_message(change, message):
+    errors = validate_resource(CRD, _broken(change))
+    assert any(message in error for error in errors), errors
+
+
+def test_running_training_refuses_a_spec_change_but_not_a_suspend():
+    # as stored: with the schema's defaults
+    running, _ = apply_schema(SCHEMA, {**load("training.yaml"), "status": {"phase": "Running"}})
+    resized = _broken(lambda spec: spec["resources"].update(gpus=2))
+    resized["status"] = running["status"]
+    errors = validate_resource(CRD, resized, old=running)
+    assert any("spec cannot change while the training is Running" in e for e in errors), errors
+    suspended = _broken(lambda spec: spec.update(suspend=True))
+    suspended["status"] = running["status"]
+    assert validate_resource(CRD, suspended, old=running) == []
