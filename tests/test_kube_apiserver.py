@@ -346,6 +346,14 @@ def test_owner_garbage_collection(api: k8s.ApiClient, namespace: str) -> None:
     assert _names(core, namespace) == ["orphan"]
     assert core.read_namespaced_config_map("orphan", namespace).metadata.owner_references is None
 
+    # created after its owner is gone (a controller racing a deletion): collected too
+    gone = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
+    core.delete_namespaced_config_map("orphan", namespace)
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "late", "ownerReferences": [gone]}}
+    )
+    assert _names(core, namespace) == []
+
 
 def test_foreground_deletion_waits_for_blocking_dependents(
     api: k8s.ApiClient, namespace: str

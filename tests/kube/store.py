@@ -317,6 +317,10 @@ class Store:
         if dry_run:
             return body
         stored = self._commit(resource, "ADDED", body, None)
+        if meta.get("ownerReferences"):
+            # the garbage collector removes an object whose owners are all gone, also one
+            # created after its owner was deleted (a controller racing the deletion)
+            self.collect_garbage()
         if resource.kind == "CustomResourceDefinition":
             self._serve_crd(stored, None)
         if resource.kind == "Namespace" and resource.group == "":

@@ -1,0 +1,300 @@
+"""The operator end to end, over real HTTP: kubectl and the kubernetes client against the API
+emulator, the operator as its own process, and the real trainer run by the emulator's local
+kubelet on tiny sample data.
+
+One emulator and one operator serve the module; each test uses its own namespace.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from instseg_operator import manifests as mf
+from instseg_trainer.sample_data import write_sample_dataset
+from tests.cluster import ROOT, OperatorProcess, kubectl_binary, pvc, start_cluster, wait_for
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(kubectl_binary() is None, reason="kubectl missing: run `make tools`"),
+]
+EXAMPLE = yaml.safe_load((ROOT / "examples" / "training.yaml").read_text())
+# a few CPU seconds per epoch: 4 training images of 64-96 px, batches of 2
+TINY = {"epochs": 1, "batchSize": 2, "inputSize": 64, "backboneWeights": "none",
+        "warmupIterations": 1}  # fmt: skip
+TIMEOUT = 240
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.emulator, self.kubectl = start_cluster(root, backoff_seconds=0.5)
+        self.operator = self.start_operator()
+
+    def start_operator(
+        self, *extra: str, priority: int | None = None, log: str = "operator.log"
+    ) -> OperatorProcess:
+        path = self.root / log
+        return OperatorProcess(self.emulator.kubeconfig, path, *extra, priority=priority)
+
+    def restart_operator(self, sig: int = signal.SIGKILL) -> None:
+        self.operator.stop(sig)
+        self.operator = self.start_operator().wait_healthy()
+
+    def namespace(self, name: str, with_data: bool = True) -> str:
+        # kubectl create sends protobuf, which the emulator does not speak: apply JSON
+        self.kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        if with_data:
+            self.kubectl.apply(pvc("datasets", name), pvc("instseg-runs", name))
+            data = self.emulator.volume_dir(name, "datasets") / "shapes"
+            write_sample_dataset(data, num_train=4, num_val=2, seed=1, min_size=64, max_size=96)
+        return name
+
+    def get(self, namespace: str, name: str) -> dict:
+        return self.kubectl.json("ist", name, "-n", namespace)
+
+    def phase(self, namespace: str, name: str) -> str | None:
+        return (self.get(namespace, name).get("status") or {}).get("phase")
+
+    def progress(self, namespace: str, name: str) -> dict:
+        return (self.get(namespace, name).get("status") or {}).get("progress") or {}
+
+    def phases(self, namespace: str) -> list[str | None]:
+        items = self.kubectl.json("ist", "-n", namespace)["items"]
+        return [(item.get("status") or {}).get("phase") for item in items]
+
+    def wait_phase(self, namespace: str, name: str, phase: str, timeout: float = TIMEOUT) -> dict:
+        self.kubectl(
+            "wait", f"--for=jsonpath={{.status.phase}}={phase}", f"ist/{name}", "-n", namespace,
+            f"--timeout={int(timeout)}s",
+        )  # fmt: skip
+        return self.get(namespace, name)
+
+    def jobs(self, namespace: str) -> list[dict]:
+        selector = "app.kubernetes.io/managed-by=instseg-operator"
+        return self.kubectl.json("jobs", "-n", namespace, "-l", selector)["items"]
+
+    def events(self, namespace: str, name: str) -> list[dict]:
+        field = f"involvedObject.name={name},involvedObject.kind={mf.KIND}"
+        return self.kubectl.json("events", "-n", namespace, "--field-selector", field)["items"]
+
+    def log_tail(self) -> str:
+        return (self.root / "operator.log").read_text()[-4000:]
+
+    def close(self) -> None:
+        self.operator.stop()
+        self.emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    env = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        env.operator.wait_healthy()
+        yield env
+    finally:
+        env.close()
+
+
+def training(name: str, namespace: str, **spec) -> dict:
+    resource = copy.deepcopy(EXAMPLE)
+    resource["metadata"] = {"name": name, "namespace": namespace}
+    resource["spec"]["hyperparameters"] = dict(TINY)
+    resource["spec"].update(spec)
+    return resource
+
+
+def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> None:
+    ns = cluster.namespace("e2e")
+    cluster.kubectl.apply(training("shapes-r50", ns))
+    job = wait_for("the Job", lambda: cluster.jobs(ns), timeout=30)[0]
+    assert job["metadata"]["name"] == "shapes-r50-train"
+    (owner,) = job["metadata"]["ownerReferences"]
+    resource = cluster.get(ns, "shapes-r50")
+    assert owner["kind"] == mf.KIND and owner["uid"] == resource["metadata"]["uid"]
+    assert owner["controller"] is True
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "ghcr.io/instseg/trainer:test"  # the operator's default
+    assert container["command"][:3] == ["instseg", "train", "MaskRCNN-ResNet50"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": mf.ENV_NAME, "value": "shapes-r50"} in container["env"]
+    assert pod["serviceAccountName"] == "shapes-r50-trainer"
+    assert {v["name"] for v in pod["volumes"]} == {"pvc-0", "pvc-1", "shm"}
+    assert job["spec"]["backoffLimit"] == 3  # the CRD's default, filled in by the API server
+
+    done = cluster.wait_phase(ns, "shapes-r50", "Succeeded")
+    status = done["status"]
+    assert status["jobName"] == "shapes-r50-train" and status["completionTime"]
+    assert status["observedGeneration"] == done["metadata"]["generation"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+    assert conditions["Running"]["status"] == "False"
+    progress = status["progress"]  # written by the trainer in the pod, with its own token
+    assert progress["epochText"] == "1/1" and progress["totalEpochs"] == 1
+    assert "bestSegmMap" in progress["metrics"]
+    run = cluster.emulator.volume_dir(ns, "instseg-runs") / "shapes-r50"
+    # /output/best.pt in a pod; the local kubelet maps /output to the claim's directory
+    assert progress["bestCheckpoint"] == str(run / "best.pt")
+    assert (run / "best.pt").is_file() and (run / "metrics.jsonl").is_file()
+
+    table = cluster.kubectl("get", "ist", "-n", ns)
+    assert "Succeeded" in table and "1/1" in table and "MaskRCNN-ResNet50" in table
+    described = cluster.kubectl("describe", "ist", "shapes-r50", "-n", ns)
+    assert "JobCreated" in described
+    reasons = [e["reason"] for e in cluster.events(ns, "shapes-r50")]
+    assert "JobCreated" in reasons and "Completed" in reasons
+
+    labels = f'name="shapes-r50",namespace="{ns}",template="MaskRCNN-ResNet50"'
+    epoch = f"instseg_training_epoch{{{labels}}} 1.0"
+    wait_for("the training's series", lambda: epoch in cluster.operator.metrics(), timeout=30)
+    metrics = cluster.operator.metrics()
+    assert f"instseg_training_progress_ratio{{{labels}}} 1.0" in metrics
+    assert 'instseg_trainings_succeeded_total{template="MaskRCNN-ResNet50"}' in metrics
+
+    cluster.kubectl("delete", "ist", "shapes-r50", "-n", ns)
+    wait_for("the children to go", lambda: not cluster.jobs(ns), timeout=30)
+    for kind in ("serviceaccounts", "roles", "rolebindings", "pods"):
+        names = [o["metadata"]["name"] for o in cluster.kubectl.json(kind, "-n", ns)["items"]]
+        assert not [n for n in names if n.startswith("shapes-r50")], (kind, names)
+    wait_for(
+        "the series to go",
+        lambda: 'name="shapes-r50"' not in cluster.operator.metrics(),
+        timeout=30,
+    )
+
+
+def test_bad_spec_fails_without_a_job_and_missing_volume_waits(cluster: Cluster) -> None:
+    ns = cluster.namespace("bad-spec")
+    bad = training("bad-cpu", ns, resources={"gpus": 1, "cpu": "eight"})
+    cluster.kubectl.apply(bad)
+    failed = cluster.wait_phase(ns, "bad-cpu", "Failed", timeout=60)
+    assert "spec.resources.cpu: 'eight' is not a Kubernetes quantity" in failed["status"]["message"]
+    warnings = [e for e in cluster.events(ns, "bad-cpu") if e["type"] == "Warning"]
+    assert warnings and warnings[0]["reason"] == "InvalidSpec"
+    assert not cluster.jobs(ns)
+
+    # a volume that does not exist yet: Pending and a Warning, then it starts by itself
+    waiting = training("no-volume", ns, output={"claimName": "later"}, suspend=True)
+    cluster.kubectl.apply(waiting)
+    pending = wait_for(
+        "the VolumeNotFound status",
+        lambda: (s := cluster.get(ns, "no-volume").get("status") or {}).get("message") and s,
+        timeout=60,
+    )
+    assert pending["phase"] == "Pending"
+    assert 'spec.output.claimName: PersistentVolumeClaim "later" not found' in pending["message"]
+    assert not cluster.jobs(ns)
+    cluster.kubectl.apply(pvc("later", ns))
+    cluster.wait_phase(ns, "no-volume", "Suspended", timeout=60)
+    assert [j["metadata"]["name"] for j in cluster.jobs(ns)] == ["no-volume-train"]
+
+
+def test_failing_trainer_ends_in_backoff_limit_exceeded(cluster: Cluster) -> None:
+    ns = cluster.namespace("failing")
+    cluster.kubectl.apply(pvc("empty", ns))
+    broken = training("no-data", ns, backoffLimit=1)
+    broken["spec"]["data"] = {"train": {"claimName": "empty"}, "val": {"claimName": "empty"}}
+    cluster.kubectl.apply(broken)
+    failed = cluster.wait_phase(ns, "no-data", "Failed")
+    conditions = {c["type"]: c for c in failed["status"]["conditions"]}
+    assert conditions["Failed"]["reason"] == "BackoffLimitExceeded"
+    assert "last trainer exit code 2" in failed["status"]["message"]  # the CLI's user error
+    (job,) = cluster.jobs(ns)
+    assert job["status"]["failed"] == 2
+    warning = [e for e in cluster.events(ns, "no-data") if e["type"] == "Warning"]
+    assert warning and warning[-1]["reason"] == "BackoffLimitExceeded"
+
+
+def test_suspend_resume_and_operator_restart_mid_training(cluster: Cluster) -> None:
+    ns = cluster.namespace("suspend")
+    resource = training("long", ns)
+    resource["spec"]["hyperparameters"]["epochs"] = 6
+    cluster.kubectl.apply(resource)
+    cluster.wait_phase(ns, "long", "Running")
+    wait_for("a first validation", lambda: cluster.progress(ns, "long").get("metrics"), TIMEOUT)
+    cluster.kubectl(
+        "patch", "ist", "long", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
+    suspended = cluster.wait_phase(ns, "long", "Suspended", timeout=60)
+    assert {c["type"]: c["status"] for c in suspended["status"]["conditions"]}[
+        "Suspended"
+    ] == "True"
+    run = cluster.emulator.volume_dir(ns, "instseg-runs") / "shapes-r50"
+    assert (run / "last.pt").is_file()  # the trainer saved where it was on SIGTERM
+    (job,) = cluster.jobs(ns)
+    assert job["spec"]["suspend"] is True
+
+    cluster.kubectl(
+        "patch", "ist", "long", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    cluster.wait_phase(ns, "long", "Running", timeout=60)
+    cluster.restart_operator()  # killed mid-training: the new one carries on
+    done = cluster.wait_phase(ns, "long", "Succeeded")
+    assert done["status"]["progress"]["epochText"] == "6/6"
+    (after,) = cluster.jobs(ns)
+    assert after["metadata"]["uid"] == job["metadata"]["uid"]  # never a second Job
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_at_iteration"] > 0
+    reasons = [e["reason"] for e in cluster.events(ns, "long")]
+    assert "Suspending" in reasons and "Resuming" in reasons
+
+
+def test_fifty_trainings_applied_at_once_get_exactly_fifty_jobs(cluster: Cluster) -> None:
+    ns = cluster.namespace("bulk")
+    resources = [training(f"t{i:02d}", ns, suspend=True) for i in range(50)]
+    cluster.kubectl.apply(*resources)
+    wait_for("50 Jobs", lambda: len(cluster.jobs(ns)) == 50, timeout=120)
+    wait_for("50 Suspended trainings", lambda: cluster.phases(ns).count("Suspended") == 50, 120)
+    cluster.restart_operator(signal.SIGTERM)  # a restart resumes all 50 without duplicates
+    names = sorted(j["metadata"]["name"] for j in cluster.jobs(ns))
+    assert names == [f"t{i:02d}-train" for i in range(50)]
+    cluster.kubectl("delete", "ist", "--all", "-n", ns)
+    wait_for("the Jobs to go", lambda: not cluster.jobs(ns), timeout=60)
+
+
+def test_multi_node_training_gets_an_indexed_job_and_a_headless_service(cluster: Cluster) -> None:
+    ns = cluster.namespace("multi")
+    resource = training("dist", ns, workers=2, suspend=True, resources={"gpus": 4})
+    cluster.kubectl.apply(resource)
+    (job,) = wait_for("the Job", lambda: cluster.jobs(ns), timeout=30)
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["parallelism"] == spec["completions"] == 2
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "dist-workers"
+    command = pod["containers"][0]["command"]
+    assert command[:7] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--node-rank",
+                           "$(JOB_COMPLETION_INDEX)"]  # fmt: skip
+    assert "dist-train-0.dist-workers" in command
+    service = cluster.kubectl.json("service", "dist-workers", "-n", ns)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["ownerReferences"][0]["name"] == "dist"
+
+
+def test_a_second_replica_stays_idle_then_takes_over(cluster: Cluster) -> None:
+    ns = cluster.namespace("peering")
+    # kopf peering: the replica with the lower priority pauses while the other one lives
+    second = cluster.start_operator("--log-level=debug", priority=0, log="second.log")
+    second.wait_healthy()
+    paused = "Pausing the watch-stream for instancesegtrainings"
+    wait_for("the second replica to pause", lambda: paused in second.log.read_text(), 60)
+    cluster.kubectl.apply(training("one", ns, suspend=True))
+    cluster.wait_phase(ns, "one", "Suspended", timeout=60)
+    created = [e for e in cluster.events(ns, "one") if e["reason"] == "JobCreated"]
+    assert len(created) == 1 and len(cluster.jobs(ns)) == 1
+    assert f"[{ns}/one]" not in second.log.read_text()  # the idle replica never handled it
+
+    cluster.operator.stop()  # the active replica goes away: the idle one takes over
+    cluster.operator = second
+    resumed = "Resuming operations after the pause"
+    wait_for("the second replica to resume", lambda: resumed in second.log.read_text(), 90)
+    cluster.kubectl.apply(training("two", ns, suspend=True))
+    cluster.wait_phase(ns, "two", "Suspended", timeout=60)
+    assert len(cluster.jobs(ns)) == 2
