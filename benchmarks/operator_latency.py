@@ -169,6 +169,11 @@ def main() -> None:
                 "bulk_all_jobs_within_s": round(all_jobs, 2),
                 "operator_peak_rss_mib": peak_rss_mib(operator.process.pid),
             }
+        except BaseException:
+            log = root / "operator.log"
+            if log.exists():
+                print(log.read_text()[-4000:], file=sys.stderr)
+            raise
         finally:
             if operator is not None:
                 operator.stop()

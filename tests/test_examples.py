@@ -54,7 +54,7 @@ def test_pvc_example_is_valid_and_holds_every_claim_the_trainings_use():
 def test_single_gpu_example_makes_a_one_gpu_job():
     job = mf.build_training_job({**load("training.yaml"), "metadata": _meta("shapes-r50")})
     (trainer,) = job["spec"]["template"]["spec"]["containers"]
-    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert job["spec"]["completions"] == 1
     assert trainer["command"][0] == "instseg"
 
@@ -66,7 +66,7 @@ def test_multinode_example_makes_two_workers_with_four_gpus_each():
     (trainer,) = job["spec"]["template"]["spec"]["containers"]
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
-    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert trainer["command"][:5] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4"]
     assert "Service" in [child["kind"] for child in children]
 

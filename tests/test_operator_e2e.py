@@ -122,7 +122,7 @@ def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> Non
     container = pod["containers"][0]
     assert container["image"] == "ghcr.io/instseg/trainer:test"  # the operator's default
     assert container["command"][:3] == ["instseg", "train", "MaskRCNN-ResNet50"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": mf.ENV_NAME, "value": "shapes-r50"} in container["env"]
     assert pod["serviceAccountName"] == "shapes-r50-trainer"
     assert {v["name"] for v in pod["volumes"]} == {"pvc-0", "pvc-1", "shm"}

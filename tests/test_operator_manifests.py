@@ -52,7 +52,7 @@ def test_single_gpu_job() -> None:
     assert pod["serviceAccountName"] == "shapes-r50-trainer"
     container = _container(job)
     assert container["image"] == "registry/instseg:1"
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1, "cpu": "8", "memory": "32Gi"}
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1", "cpu": "8", "memory": "32Gi"}
     assert container["command"][:2] == ["instseg", "train"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["INSTSEG_RESOURCE_NAME"] == "shapes-r50"

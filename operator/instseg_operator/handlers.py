@@ -175,14 +175,13 @@ def ensure(training: dict, logger: logging.Logger) -> None:
             message = "invalid spec: " + "; ".join(problems)
             _set_status(training, st.FAILED, "InvalidSpec", message, "Warning")
             raise kopf.PermanentError(message)
-        job = cluster().get("Job", namespace, mf.job_name(name))
         status = training.get("status") or {}
-        if (
-            job is None
-            and status.get("phase") in (st.SUCCEEDED, st.FAILED)
+        finished = (
+            status.get("phase") in (st.SUCCEEDED, st.FAILED)
             and status.get("observedGeneration") == meta.get("generation")
             and status.get("jobName")
-        ):
+        )
+        if finished and cluster().get("Job", namespace, mf.job_name(name)) is None:
             # finished, and its Job removed (ttlSecondsAfterFinished): nothing to redo
             return
         missing = _missing_volume(training)
@@ -193,17 +192,19 @@ def ensure(training: dict, logger: logging.Logger) -> None:
         for manifest in wanted[:-1]:
             _ensure_child(manifest, training, logger)
         job, created = _ensure_child(wanted[-1], training, logger)
-        if created:
-            workers = int(spec.get("workers", 1))
-            gpus = int((spec.get("resources") or {}).get("gpus", 1))
-            kopf.event(
-                training, type="Normal", reason="JobCreated",
-                message=f"created Job {job['metadata']['name']} "
-                        f"({workers} worker(s) × {gpus} GPU(s), template {spec['template']})",
-            )  # fmt: skip
-        else:
+        if not created:
             _update_job(job, wanted[-1], training)
-    refresh(namespace, name, logger)
+    if created:
+        workers = int(spec.get("workers", 1))
+        gpus = int((spec.get("resources") or {}).get("gpus", 1))
+        kopf.event(
+            training, type="Normal", reason="JobCreated",
+            message=f"created Job {job['metadata']['name']} "
+                    f"({workers} worker(s) × {gpus} GPU(s), template {spec['template']})",
+        )  # fmt: skip
+        # the new Job's watch event derives the first status (no second round of calls here)
+    else:
+        refresh(namespace, name, logger)
 
 
 def _update_job(job: dict, wanted: dict, training: dict) -> None:
@@ -242,13 +243,15 @@ def _update_job(job: dict, wanted: dict, training: dict) -> None:
         )  # fmt: skip
 
 
-def refresh(namespace: str, name: str, logger: logging.Logger) -> None:
-    """Derives the training's status from its Job and Pods and writes what changed."""
+def refresh(namespace: str, name: str, logger: logging.Logger, job: dict | None = None) -> None:
+    """Derives the training's status from its Job and Pods and writes what changed.
+    `job` is the Job as a watch event just delivered it (saves reading it again)."""
     with METRICS.reconcile_seconds.time(), _training_lock(namespace, name):
         training = cluster().get(mf.KIND, namespace, name)
         if training is None or training["metadata"].get("deletionTimestamp"):
             return
-        job = cluster().get("Job", namespace, mf.job_name(name))
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            job = cluster().get("Job", namespace, mf.job_name(name))
         if job is None or not _owned_by(job, training):
             return  # before the Job (ensure writes that status) or after its TTL deletion
         pods = cluster().list(
@@ -305,8 +308,10 @@ def _training_of(body: kopf.Body) -> str | None:
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-def on_child_event(body: kopf.Body, logger: logging.Logger, **_) -> None:
+def on_child_event(event: kopf.RawEvent, body: kopf.Body, logger: logging.Logger, **_) -> None:
     """A Job or Pod of a training changed: derive the training's status again."""
     name = _training_of(body)
-    if name:
-        refresh(body["metadata"]["namespace"], name, logger)
+    if not name:
+        return
+    job = _plain(body) if body.get("kind") == "Job" and event["type"] != "DELETED" else None
+    refresh(body["metadata"]["namespace"], name, logger, job)

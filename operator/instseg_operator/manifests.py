@@ -164,7 +164,7 @@ def _resources(spec: dict) -> dict:
     requests: dict[str, object] = {}
     gpus = int(wanted.get("gpus", 1))
     if gpus > 0:
-        limits["nvidia.com/gpu"] = gpus
+        limits["nvidia.com/gpu"] = str(gpus)  # a quantity: the API server stores strings
     for key in ("cpu", "memory"):
         if wanted.get(key) is not None:
             requests[key] = limits[key] = wanted[key]

@@ -136,9 +136,24 @@ def crd_status(crd: dict) -> dict:
     return {"acceptedNames": names, "conditions": conditions, "storedVersions": storage}
 
 
+def _normalise_quantities(pod_spec: dict) -> None:
+    """The API server stores resource quantities as strings (`nvidia.com/gpu: 1` → "1"); typed
+    clients (the kubernetes Python client's models) refuse numbers there."""
+    for container in [*(pod_spec.get("containers") or []), *(pod_spec.get("initContainers") or [])]:
+        for part in ("limits", "requests"):
+            values = (container.get("resources") or {}).get(part) or {}
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    values[key] = str(value)
+
+
 def apply_defaults(resource: Resource, obj: dict, uid: str) -> None:
     """What the real API server's create strategies fill in for built-in kinds."""
     kind, meta = resource.kind, obj["metadata"]
+    if kind == "Pod":
+        _normalise_quantities(obj.get("spec") or {})
+    elif kind == "Job" and resource.group == "batch":
+        _normalise_quantities(((obj.get("spec") or {}).get("template") or {}).get("spec") or {})
     if resource.group == "" and kind == "Namespace":
         meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
         obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
