@@ -11,7 +11,7 @@ DEMO_EPOCHS ?= 10
 DEMO_SIZE ?= 128
 DEMO_WARMUP ?= 100
 
-.PHONY: install tools demo test lint clean clean-demo
+.PHONY: install tools demo test lint clean clean-demo e2e-kind
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,22 @@ test: install tools
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# For people with Docker, kind and helm (CI has no Docker engine and does not run this): the
+# images, the chart, sample data on a claim, and the CPU example trained to Succeeded.
+KIND_CLUSTER ?= instseg
+e2e-kind:
+	kind create cluster --name $(KIND_CLUSTER)
+	docker build --target trainer -t ghcr.io/instseg/trainer:0.1.0 .
+	docker build --target operator -t ghcr.io/instseg/operator:0.1.0 .
+	kind load docker-image --name $(KIND_CLUSTER) ghcr.io/instseg/trainer:0.1.0 ghcr.io/instseg/operator:0.1.0
+	helm install instseg charts/instseg -n instseg-system --create-namespace --wait
+	sed 's/ReadWriteMany/ReadWriteOnce/' examples/pvc.yaml | kubectl apply -f -
+	kubectl apply -f examples/sample-data-job.yaml
+	kubectl wait --for=condition=Complete job/instseg-sample-data --timeout=600s
+	kubectl apply -f examples/training-cpu.yaml
+	kubectl wait --for=jsonpath='{.status.phase}'=Succeeded ist/shapes-cpu --timeout=1800s
+	kubectl get ist -o wide
 
 clean-demo:
 	rm -rf $(DEMO)

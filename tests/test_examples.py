@@ -25,8 +25,21 @@ def load(name: str) -> dict:
     return yaml.safe_load((EXAMPLES / name).read_text())
 
 
-def test_the_three_trainings_are_there():
+def test_sample_data_job_is_valid_and_writes_where_the_trainings_read():
+    (job,) = yaml.safe_load_all((EXAMPLES / "sample-data-job.yaml").read_text())
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (mount,) = pod["containers"][0]["volumeMounts"]
+    claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    target = pod["containers"][0]["args"][1]
+    assert target == f"{mount['mountPath']}/shapes"
+    data = load("training.yaml")["spec"]["data"]["train"]
+    assert (claim, "shapes") == (data["claimName"], data["subPath"])
+
+
+def test_the_trainings_are_there():
     assert [p.name for p in TRAININGS] == [
+        "training-cpu.yaml",
         "training-kueue.yaml",
         "training-multinode.yaml",
         "training.yaml",

@@ -22,9 +22,12 @@ MERGE_PATCH = "application/merge-patch+json"
 URGENT_EVENTS = {"start", "validation", "final"}
 
 
-def _finite(value) -> float | None:
-    """JSON has no NaN/inf and the API server rejects them: leave such values out."""
-    return float(value) if value is not None and math.isfinite(value) else None
+def _finite(value, digits: int | None = None) -> float | None:
+    """JSON has no NaN/inf and the API server rejects them: leave such values out. `digits`
+    rounds what `kubectl get -o wide` shows (a loss of 2.8544, not 2.8544141448413334)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value) if digits is None else round(float(value), digits)
 
 
 def progress_patch(event: dict) -> dict | None:
@@ -42,10 +45,10 @@ def progress_patch(event: dict) -> dict | None:
     if "iteration" in event:
         progress["iteration"] = event["iteration"]
     if kind in ("iteration", "epoch"):
-        progress.update(loss=_finite(event.get("loss")), learningRate=event.get("learning_rate"))
+        progress.update(loss=_finite(event.get("loss"), 4), learningRate=event.get("learning_rate"))
     if kind == "iteration":
         progress.update(
-            imagesPerSecond=_finite(event.get("images_per_second")),
+            imagesPerSecond=_finite(event.get("images_per_second"), 2),
             etaSeconds=int(event.get("eta_seconds") or 0),
         )
     metrics: dict = {}
