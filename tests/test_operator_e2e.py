@@ -44,7 +44,8 @@ class Cluster:
 
     def restart_operator(self, sig: int = signal.SIGKILL) -> None:
         self.operator.stop(sig)
-        self.operator = self.start_operator().wait_healthy()
+        self.operator = self.start_operator()  # stopped by close() even if it never gets healthy
+        self.operator.wait_healthy()
 
     def namespace(self, name: str, with_data: bool = True) -> str:
         # kubectl create sends protobuf, which the emulator does not speak: apply JSON
@@ -82,6 +83,15 @@ class Cluster:
     def events(self, namespace: str, name: str) -> list[dict]:
         field = f"involvedObject.name={name},involvedObject.kind={mf.KIND}"
         return self.kubectl.json("events", "-n", namespace, "--field-selector", field)["items"]
+
+    def transitions(self, namespace: str, name: str) -> list[str]:
+        """The phases the operator wrote, in order (from its log: `ns/name: A → B (...)`)."""
+        marker = f"] {namespace}/{name}: "
+        lines = [line for line in self.log_text().splitlines() if marker in line]
+        return [line.split(marker)[1].split(" (")[0].split(" → ")[1] for line in lines]
+
+    def log_text(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.root.glob("*.log")))
 
     def log_tail(self) -> str:
         return (self.root / "operator.log").read_text()[-4000:]
@@ -149,13 +159,17 @@ def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> Non
     assert "JobCreated" in described
     reasons = [e["reason"] for e in cluster.events(ns, "shapes-r50")]
     assert "JobCreated" in reasons and "Completed" in reasons
+    # one Event per phase change, and the phase never goes back to Pending once Running
+    assert reasons.count("Completed") == 1
+    phases = cluster.transitions(ns, "shapes-r50")
+    assert phases[-1] == "Succeeded" and "Pending" not in phases[phases.index("Running") :]
 
     labels = f'name="shapes-r50",namespace="{ns}",template="MaskRCNN-ResNet50"'
     epoch = f"instseg_training_epoch{{{labels}}} 1.0"
     wait_for("the training's series", lambda: epoch in cluster.operator.metrics(), timeout=30)
     metrics = cluster.operator.metrics()
     assert f"instseg_training_progress_ratio{{{labels}}} 1.0" in metrics
-    assert 'instseg_trainings_succeeded_total{template="MaskRCNN-ResNet50"}' in metrics
+    assert 'instseg_trainings_succeeded_total{template="MaskRCNN-ResNet50"} 1.0' in metrics
 
     cluster.kubectl("delete", "ist", "shapes-r50", "-n", ns)
     wait_for("the children to go", lambda: not cluster.jobs(ns), timeout=30)
@@ -211,6 +225,40 @@ def test_failing_trainer_ends_in_backoff_limit_exceeded(cluster: Cluster) -> Non
     assert warning and warning[-1]["reason"] == "BackoffLimitExceeded"
 
 
+def test_pods_that_cannot_start_say_why(cluster: Cluster) -> None:
+    ns = cluster.namespace("stuck")
+    nowhere = training("nowhere", ns, nodeSelector={"nvidia.com/gpu.product": "H100"})
+    no_image = training("no-image", ns, image="registry.example.com/does-not-exist:1")
+    cluster.kubectl.apply(nowhere, no_image)
+
+    def reason(name: str) -> str | None:
+        conditions = (cluster.get(ns, name).get("status") or {}).get("conditions") or []
+        return next((c["reason"] for c in conditions if c["type"] == "Scheduled"), None)
+
+    wait_for("Unschedulable", lambda: reason("nowhere") == "Unschedulable", timeout=60)
+    status = cluster.get(ns, "nowhere")["status"]
+    assert status["phase"] == "Pending" and "node(s) didn't match" in status["message"]
+    wait_for(
+        "ImagePullBackOff", lambda: reason("no-image") in ("ImagePullBackOff", "ErrImagePull"), 60
+    )
+    assert "does-not-exist" in cluster.get(ns, "no-image")["status"]["message"]
+
+    # fixing a spec while its pod is still Pending replaces the Job at once (no trainer ran)
+    (old,) = [j for j in cluster.jobs(ns) if j["metadata"]["name"] == "nowhere-train"]
+    fix = '{"spec": {"nodeSelector": null, "suspend": true}}'
+    cluster.kubectl("patch", "ist", "nowhere", "-n", ns, "--type=merge", "-p", fix)
+
+    def replaced() -> list[dict]:
+        jobs = [j for j in cluster.jobs(ns) if j["metadata"]["name"] == "nowhere-train"]
+        return [j for j in jobs if j["metadata"]["uid"] != old["metadata"]["uid"]]
+
+    (new,) = wait_for("the replacement Job", replaced, timeout=60)
+    cluster.wait_phase(ns, "nowhere", "Suspended", timeout=60)
+    assert "nodeSelector" not in new["spec"]["template"]["spec"]
+    assert "JobReplaced" in [e["reason"] for e in cluster.events(ns, "nowhere")]
+    cluster.kubectl("delete", "ist", "--all", "-n", ns)
+
+
 def test_suspend_resume_and_operator_restart_mid_training(cluster: Cluster) -> None:
     ns = cluster.namespace("suspend")
     resource = training("long", ns)
@@ -252,9 +300,21 @@ def test_fifty_trainings_applied_at_once_get_exactly_fifty_jobs(cluster: Cluster
     cluster.kubectl.apply(*resources)
     wait_for("50 Jobs", lambda: len(cluster.jobs(ns)) == 50, timeout=120)
     wait_for("50 Suspended trainings", lambda: cluster.phases(ns).count("Suspended") == 50, 120)
+    uids = sorted(j["metadata"]["uid"] for j in cluster.jobs(ns))
+    log = cluster.root / "operator.log"
+    before = log.read_text().count("Resuming is processed")
     cluster.restart_operator(signal.SIGTERM)  # a restart resumes all 50 without duplicates
+    wait_for(
+        "the new operator to resume all 50",
+        lambda: log.read_text().count("Resuming is processed") - before >= 50,
+        timeout=120,
+    )
     names = sorted(j["metadata"]["name"] for j in cluster.jobs(ns))
     assert names == [f"t{i:02d}-train" for i in range(50)]
+    assert sorted(j["metadata"]["uid"] for j in cluster.jobs(ns)) == uids
+    created = [e for e in cluster.kubectl.json("events", "-n", ns)["items"]
+               if e["reason"] == "JobCreated"]  # fmt: skip
+    assert len(created) == 50
     cluster.kubectl("delete", "ist", "--all", "-n", ns)
     wait_for("the Jobs to go", lambda: not cluster.jobs(ns), timeout=60)
 
@@ -282,14 +342,18 @@ def test_a_second_replica_stays_idle_then_takes_over(cluster: Cluster) -> None:
     ns = cluster.namespace("peering")
     # kopf peering: the replica with the lower priority pauses while the other one lives
     second = cluster.start_operator("--log-level=debug", priority=0, log="second.log")
-    second.wait_healthy()
-    paused = "Pausing the watch-stream for instancesegtrainings"
-    wait_for("the second replica to pause", lambda: paused in second.log.read_text(), 60)
-    cluster.kubectl.apply(training("one", ns, suspend=True))
-    cluster.wait_phase(ns, "one", "Suspended", timeout=60)
-    created = [e for e in cluster.events(ns, "one") if e["reason"] == "JobCreated"]
-    assert len(created) == 1 and len(cluster.jobs(ns)) == 1
-    assert f"[{ns}/one]" not in second.log.read_text()  # the idle replica never handled it
+    try:
+        second.wait_healthy()
+        paused = "Pausing the watch-stream for instancesegtrainings"
+        wait_for("the second replica to pause", lambda: paused in second.log.read_text(), 60)
+        cluster.kubectl.apply(training("one", ns, suspend=True))
+        cluster.wait_phase(ns, "one", "Suspended", timeout=60)
+        created = [e for e in cluster.events(ns, "one") if e["reason"] == "JobCreated"]
+        assert len(created) == 1 and len(cluster.jobs(ns)) == 1
+        assert f"[{ns}/one]" not in second.log.read_text()  # the idle replica never handled it
+    except BaseException:
+        second.stop()
+        raise
 
     cluster.operator.stop()  # the active replica goes away: the idle one takes over
     cluster.operator = second

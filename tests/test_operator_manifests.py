@@ -105,8 +105,22 @@ def test_multi_node_is_an_indexed_job_with_torchrun_and_a_headless_service() -> 
 def test_names_are_deterministic_and_fit_dns_labels() -> None:
     long = "a" * 80
     assert job_name(long) == job_name(long)
-    assert len(job_name(long)) <= 63
+    assert len(job_name(long)) <= 56  # room for "-<index>" hostnames of Indexed Jobs
     assert job_name(long) != job_name("a" * 79)
+
+
+def test_a_long_name_gives_valid_labels_and_hostnames() -> None:
+    import re
+
+    name = "coco-maskrcnn-resnet50-" + "x" * 35 + ".v2-run"  # 65 characters, with a dot
+    resource = _resource(workers=2)
+    resource["metadata"]["name"] = name
+    job = build_children(resource)[-1]
+    label = job["metadata"]["labels"]["instseg.io/training"]
+    assert len(label) <= 63 and re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", label)
+    assert job["spec"]["template"]["metadata"]["annotations"]["instseg.io/training-name"] == name
+    hostname = f"{job['metadata']['name']}-15"  # <job>-<index> for the 16th worker
+    assert len(hostname) <= 63
 
 
 def test_trainer_role_may_only_patch_its_own_status() -> None:

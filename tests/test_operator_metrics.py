@@ -66,3 +66,15 @@ def test_transitions_count_and_deleted_trainings_disappear() -> None:
     assert _value(registry, "instseg_trainings", phase="Succeeded") == 0
     assert 'name="a"' not in generate_latest(registry).decode()
     metrics.forget("team-a", "never-seen")  # harmless
+
+
+def test_a_changed_template_leaves_no_stale_series() -> None:
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry)
+    metrics.observe(_training("a", "Suspended", {"epoch": 1, "totalEpochs": 2, "loss": 1.0}))
+    changed = _training("a", "Pending", {"epoch": 1, "totalEpochs": 2, "loss": 0.9})
+    changed["spec"]["template"] = "MaskRCNN-ConvNeXt"
+    metrics.observe(changed)
+    text = generate_latest(registry).decode()
+    assert 'template="MaskRCNN-ResNet50"' not in text
+    assert 'instseg_training_loss{name="a",namespace="team-a",template="MaskRCNN-ConvNeXt"}' in text

@@ -9,8 +9,10 @@ from instseg_operator.status import build_conditions, derive_phase, training_sta
 NOW, LATER = "2026-11-29T10:00:00Z", "2026-11-29T10:05:00Z"
 
 
-def job(suspend=False, active=0, failed=0, conditions=(), start=None, completion=None) -> dict:
-    status = {"active": active, "failed": failed, "conditions": list(conditions)}
+def job(suspend=False, active=0, failed=0, conditions=(), start=None, completion=None,
+        succeeded=0) -> dict:  # fmt: skip
+    status = {"active": active, "failed": failed, "succeeded": succeeded,
+              "conditions": list(conditions)}  # fmt: skip
     if start:
         status["startTime"] = start
     if completion:
@@ -58,6 +60,12 @@ CASES = [
      "Failed", "BackoffLimitExceeded"),
     ("deadline", job(conditions=[cond("Failed", "DeadlineExceeded", "Job was active longer")]),
      [], "Failed", "DeadlineExceeded"),
+    ("trainer exited 0, Job not yet Complete", job(succeeded=1), [pod("Succeeded")], "Running",
+     "Finishing"),
+    ("success decided (1.31+)", job(succeeded=1, conditions=[cond("SuccessCriteriaMet")]),
+     [pod("Succeeded")], "Succeeded", "Completed"),
+    ("failure decided (Kubernetes 1.31+)", job(failed=4, conditions=[cond("FailureTarget",
+     "BackoffLimitExceeded", "limit")]), [], "Failed", "BackoffLimitExceeded"),
     ("out of memory", job(failed=1, conditions=[cond("Failed", "BackoffLimitExceeded", "limit")]),
      [pod("Failed", terminated={"exitCode": 137, "reason": "OOMKilled", "finishedAt": NOW})],
      "Failed", "OOMKilled"),
@@ -71,10 +79,21 @@ def test_phase_and_reason(case, the_job, pods, phase, reason) -> None:
     assert message
 
 
+def test_a_job_suspended_by_a_queue_is_queued_not_suspended() -> None:
+    queued = job(suspend=True)
+    queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    phase, reason, message = derive_phase(queued, [], user_suspend=False)
+    assert (phase, reason) == ("Pending", "Queued") and "queue team-a" in message
+    # Kueue's convention: created with suspend true, the queue admits it
+    assert derive_phase(queued, [], user_suspend=True)[:2] == ("Pending", "Queued")
+    assert derive_phase(job(suspend=True), [], user_suspend=True)[:2] == ("Suspended", "Suspended")
+
+
 def test_failure_message_carries_exit_code_and_advice() -> None:
     _, _, message = derive_phase(CASES[-1][1], CASES[-1][2])
     assert "exit code 137" in message and "spec.resources.memory" in message
-    _, _, message = derive_phase(CASES[-3][1], CASES[-3][2])
+    backoff = next(case for case in CASES if case[0] == "backoff limit")
+    _, _, message = derive_phase(backoff[1], backoff[2])
     assert "backoff limit" in message and "exit code 2" in message
 
 

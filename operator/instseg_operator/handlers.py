@@ -30,6 +30,8 @@ TRAINING = (mf.GROUP, mf.VERSION, mf.PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "instseg-operator"}
 # how long to wait before looking again for a missing volume
 VOLUME_RETRY_SECONDS = 15
+# how often every unfinished training's status is derived again, events or not
+RESYNC_SECONDS = float(os.environ.get("INSTSEG_RESYNC_SECONDS", "60"))
 
 METRICS = TrainingMetrics()
 _state: dict[str, object] = {}
@@ -82,7 +84,7 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> N
     elif settings.peering.priority == 0:
         # equal priorities make every replica pause; the replica that started first wins
         # instead, and a later one stays idle until the first is gone
-        settings.peering.priority = 2**31 - int(time.time())
+        settings.peering.priority = 2**62 - time.time_ns() // 1000
     cluster()
     port = int(os.environ.get("INSTSEG_METRICS_PORT", "8000"))
     if port and "metrics" not in _state:
@@ -133,6 +135,15 @@ def _ensure_child(manifest: dict, training: dict, logger: logging.Logger) -> tup
     try:
         return cluster().create(manifest), True
     except ApiError as e:
+        if e.status in (400, 422):
+            # the API server refuses what the spec asks for: retrying cannot help
+            message = f"the API server rejected the training's {kind}: {e.message}"
+            _set_status(training, st.FAILED, "JobRejected", message, "Warning")
+            raise kopf.PermanentError(message) from None
+        if e.status == 403:  # the operator's own RBAC: the platform team can fix it
+            message = f"the operator may not create the training's {kind}: {e.message}"
+            kopf.event(training, type="Warning", reason="Forbidden", message=message)
+            raise kopf.TemporaryError(message, delay=60) from None
         if e.status != 409:
             raise
     existing = cluster().get(kind, meta["namespace"], meta["name"])
@@ -163,37 +174,51 @@ def _missing_volume(training: dict) -> str | None:
     return None
 
 
-def ensure(training: dict, logger: logging.Logger) -> None:
+def _finished(training: dict) -> bool:
+    """Succeeded or Failed for the current spec: nothing to create, check or replace."""
+    meta, status = training["metadata"], training.get("status") or {}
+    return (
+        status.get("phase") in (st.SUCCEEDED, st.FAILED)
+        and status.get("observedGeneration") == meta.get("generation")
+        and bool(status.get("jobName"))
+    )
+
+
+def ensure(training: dict, logger: logging.Logger, retry: int = 0) -> None:
     """Brings the children of a training in line with its spec, then refreshes its status."""
     meta, spec = training["metadata"], training["spec"]
     namespace, name = meta["namespace"], meta["name"]
     if meta.get("deletionTimestamp"):
         return
+    if _finished(training):
+        # an operator restart or upgrade must neither re-run nor re-judge a finished training
+        refresh(namespace, name, logger)
+        return
     with _training_lock(namespace, name):
+        job = cluster().get("Job", namespace, mf.job_name(name))
+        if job is not None and not _owned_by(job, training):
+            job = None  # _ensure_child below reports the conflict
         problems = spec_problems(spec)
         if problems:
             message = "invalid spec: " + "; ".join(problems)
-            _set_status(training, st.FAILED, "InvalidSpec", message, "Warning")
+            if job is None:
+                _set_status(training, st.FAILED, "InvalidSpec", message, "Warning")
+            else:  # the running Job goes on; the edit is refused
+                kopf.event(training, type="Warning", reason="InvalidSpec", message=message)
             raise kopf.PermanentError(message)
-        status = training.get("status") or {}
-        finished = (
-            status.get("phase") in (st.SUCCEEDED, st.FAILED)
-            and status.get("observedGeneration") == meta.get("generation")
-            and status.get("jobName")
-        )
-        if finished and cluster().get("Job", namespace, mf.job_name(name)) is None:
-            # finished, and its Job removed (ttlSecondsAfterFinished): nothing to redo
-            return
-        missing = _missing_volume(training)
-        if missing:
-            _set_status(training, st.PENDING, "VolumeNotFound", missing, "Warning")
-            raise kopf.TemporaryError(missing, delay=VOLUME_RETRY_SECONDS)
+        if job is None:
+            missing = _missing_volume(training)
+            if missing:
+                _set_status(training, st.PENDING, "VolumeNotFound", missing, "Warning")
+                raise kopf.TemporaryError(missing, delay=VOLUME_RETRY_SECONDS)
         wanted = mf.build_children(training, default_image())
-        for manifest in wanted[:-1]:
-            _ensure_child(manifest, training, logger)
-        job, created = _ensure_child(wanted[-1], training, logger)
-        if not created:
-            _update_job(job, wanted[-1], training)
+        if job is None:
+            for manifest in wanted[:-1]:
+                _ensure_child(manifest, training, logger)
+            job, created = _ensure_child(wanted[-1], training, logger)
+        else:
+            created = False
+            _update_job(job, wanted[-1], training, retry)
     if created:
         workers = int(spec.get("workers", 1))
         gpus = int((spec.get("resources") or {}).get("gpus", 1))
@@ -207,25 +232,12 @@ def ensure(training: dict, logger: logging.Logger) -> None:
         refresh(namespace, name, logger)
 
 
-def _update_job(job: dict, wanted: dict, training: dict) -> None:
-    """A Job's pod template is immutable: a changed spec means a new Job (the trainer
-    resumes from the checkpoint on the output volume); suspend is patched in place."""
+def _update_job(job: dict, wanted: dict, training: dict, retry: int) -> None:
+    """Suspend is patched in place, and only when the user changed it (a queue controller
+    such as Kueue may have changed the Job's since). A Job's pod template is immutable: any
+    other spec change means a new Job, and the trainer resumes from the checkpoint on the
+    output volume — at once when no trainer runs yet, else once it stopped (suspended)."""
     meta = job["metadata"]
-    digest = (meta.get("annotations") or {}).get(mf.SPEC_HASH_ANNOTATION)
-    if digest != wanted["metadata"]["annotations"][mf.SPEC_HASH_ANNOTATION]:
-        if (job.get("status") or {}).get("active"):
-            kopf.event(
-                training, type="Warning", reason="SpecChangeIgnored",
-                message="spec changed while the trainer runs; suspend the training first",
-            )  # fmt: skip
-            return
-        cluster().delete("Job", meta["namespace"], meta["name"])
-        kopf.event(
-            training, type="Normal", reason="JobReplaced",
-            message=f"spec changed: replacing Job {meta['name']}; training resumes from "
-                    "its last checkpoint",
-        )  # fmt: skip
-        raise kopf.TemporaryError("waiting for the old Job to be deleted", delay=1)
     suspend = wanted["spec"]["suspend"]
     applied = (meta.get("annotations") or {}).get(mf.SUSPEND_ANNOTATION)
     if applied is None:  # a Job from before the annotation: compare with the Job itself
@@ -241,17 +253,34 @@ def _update_job(job: dict, wanted: dict, training: dict) -> None:
             message="suspending the Job (the trainer saves a checkpoint)" if suspend
                     else "resuming the Job from the last checkpoint",
         )  # fmt: skip
+    digest = (meta.get("annotations") or {}).get(mf.SPEC_HASH_ANNOTATION)
+    if digest == wanted["metadata"]["annotations"][mf.SPEC_HASH_ANNOTATION]:
+        return
+    if (training.get("status") or {}).get("phase") == st.RUNNING and not suspend:
+        if retry == 0:
+            kopf.event(
+                training, type="Warning", reason="SpecChangeWaiting",
+                message="spec changed while the trainer runs: it applies once the training "
+                        "is suspended (spec.suspend: true) or has finished",
+            )  # fmt: skip
+        raise kopf.TemporaryError("spec change waits for the trainer to stop", delay=30)
+    cluster().delete("Job", meta["namespace"], meta["name"])
+    kopf.event(
+        training, type="Normal", reason="JobReplaced",
+        message=f"spec changed: replacing Job {meta['name']}; training resumes from its "
+                "last checkpoint",
+    )  # fmt: skip
+    raise kopf.TemporaryError("waiting for the old Job to be deleted", delay=1)
 
 
-def refresh(namespace: str, name: str, logger: logging.Logger, job: dict | None = None) -> None:
-    """Derives the training's status from its Job and Pods and writes what changed.
-    `job` is the Job as a watch event just delivered it (saves reading it again)."""
-    with METRICS.reconcile_seconds.time(), _training_lock(namespace, name):
+def refresh(namespace: str, name: str, logger: logging.Logger) -> None:
+    """Derives the training's status from its Job and Pods (read now, inside the lock: a
+    watch event's copy may be older than what the last refresh saw) and writes changes."""
+    with _training_lock(namespace, name):
         training = cluster().get(mf.KIND, namespace, name)
         if training is None or training["metadata"].get("deletionTimestamp"):
             return
-        if job is None or job["metadata"].get("deletionTimestamp"):
-            job = cluster().get("Job", namespace, mf.job_name(name))
+        job = cluster().get("Job", namespace, mf.job_name(name))
         if job is None or not _owned_by(job, training):
             return  # before the Job (ensure writes that status) or after its TTL deletion
         pods = cluster().list(
@@ -259,7 +288,8 @@ def refresh(namespace: str, name: str, logger: logging.Logger, job: dict | None 
         )
         previous = training.get("status") or {}
         generation = training["metadata"].get("generation", 1)
-        new = st.training_status(job, pods, previous, generation, _now())
+        user_suspend = bool(training["spec"].get("suspend", False))
+        new = st.training_status(job, pods, previous, generation, _now(), user_suspend)
         if {k: previous.get(k) for k in new} == new:
             return
         cluster().patch_training_status(namespace, name, new)
@@ -282,21 +312,40 @@ def on_create(body: kopf.Body, logger: logging.Logger, retry: int, **_) -> None:
     if retry == 0:
         METRICS.count_created(training["spec"].get("template", ""))
     with METRICS.reconcile_seconds.time():
-        ensure(training, logger)
+        ensure(training, logger, retry)
 
 
 @kopf.on.resume(*TRAINING)
 @kopf.on.update(*TRAINING, field="spec")
-def on_change(body: kopf.Body, logger: logging.Logger, **_) -> None:
+def on_change(body: kopf.Body, logger: logging.Logger, retry: int, **_) -> None:
     with METRICS.reconcile_seconds.time():
-        ensure(_plain(body), logger)
+        ensure(_plain(body), logger, retry)
+
+
+@kopf.timer(*TRAINING, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def resync(body: kopf.Body, logger: logging.Logger, **_) -> None:
+    """Level-based safety net: a status write lost to an API error (watch-event handlers are
+    not retried) or a Job deleted by hand is noticed within a minute."""
+    training = _plain(body)
+    meta = training["metadata"]
+    with METRICS.reconcile_seconds.time():
+        if _finished(training) or (training.get("status") or {}).get("phase") == st.FAILED:
+            return
+        if cluster().get("Job", meta["namespace"], mf.job_name(meta["name"])) is None:
+            if (training.get("status") or {}).get("jobName"):
+                ensure(training, logger)  # the Job went away before the training finished
+            return
+        refresh(meta["namespace"], meta["name"], logger)
 
 
 @kopf.on.event(*TRAINING)
 def on_training_event(event: kopf.RawEvent, body: kopf.Body, **_) -> None:
     """Every change of a training (its progress patches included) updates its series."""
+    meta = body["metadata"]
     if event["type"] == "DELETED":
-        METRICS.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+        METRICS.forget(meta["namespace"], meta["name"])
+        with _locks_guard:
+            _locks.pop((meta["namespace"], meta["name"]), None)
     else:
         METRICS.observe(_plain(body))
 
@@ -308,10 +357,9 @@ def _training_of(body: kopf.Body) -> str | None:
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-def on_child_event(event: kopf.RawEvent, body: kopf.Body, logger: logging.Logger, **_) -> None:
+def on_child_event(body: kopf.Body, logger: logging.Logger, **_) -> None:
     """A Job or Pod of a training changed: derive the training's status again."""
     name = _training_of(body)
-    if not name:
-        return
-    job = _plain(body) if body.get("kind") == "Job" and event["type"] != "DELETED" else None
-    refresh(body["metadata"]["namespace"], name, logger, job)
+    if name:
+        with METRICS.reconcile_seconds.time():
+            refresh(body["metadata"]["namespace"], name, logger)

@@ -19,7 +19,10 @@ MASTER_PORT = 29500
 DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/output"
 SHM_MOUNT = "/dev/shm"
-MAX_NAME = 63  # DNS label: Job names end up in pod labels and hostnames
+# Job names end up in pod labels and, for Indexed Jobs, in hostnames `<job>-<index>` that must
+# stay DNS labels (63): children names keep room for the index
+MAX_NAME = 56
+MAX_LABEL = 63
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 # spec.hyperparameters key → `instseg train` flag
@@ -57,7 +60,16 @@ def child_name(owner: str, suffix: str) -> str:
     if len(name) <= MAX_NAME:
         return name
     digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
-    return f"{owner[: MAX_NAME - len(suffix) - 10]}-{digest}-{suffix}"
+    return f"{owner[: MAX_NAME - len(suffix) - 10].rstrip('-.')}-{digest}-{suffix}"
+
+
+def label_value(name: str) -> str:
+    """A training name as a label value: at most 63 characters, alphanumeric at both ends;
+    longer names are shortened with a stable hash."""
+    if len(name) <= MAX_LABEL:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_LABEL - 9].rstrip('-.')}-{digest}"
 
 
 def job_name(owner: str) -> str:
@@ -77,7 +89,7 @@ def labels(owner: str) -> dict[str, str]:
         "app.kubernetes.io/name": "instseg",
         "app.kubernetes.io/component": "trainer",
         "app.kubernetes.io/managed-by": "instseg-operator",
-        f"{GROUP}/training": owner[:MAX_NAME],
+        f"{GROUP}/training": label_value(owner),
     }
 
 
@@ -237,15 +249,17 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
             metadata["labels"][key] = meta["labels"][key]
     metadata["annotations"] = {
         TRAINING_ANNOTATION: owner,
-        SPEC_HASH_ANNOTATION: spec_hash(job_spec),
+        SPEC_HASH_ANNOTATION: spec_hash(spec),
         SUSPEND_ANNOTATION: str(job_spec["suspend"]).lower(),
     }
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
-def spec_hash(job_spec: dict) -> str:
-    """Digest of everything in a Job spec except `suspend` (which is patched in place)."""
-    fixed = {key: value for key, value in job_spec.items() if key != "suspend"}
+def spec_hash(spec: dict) -> str:
+    """Digest of the training's spec except `suspend` (patched in place). Taken from the spec,
+    not from the built Job, so that a new operator version or default image never replaces
+    the Jobs of existing trainings."""
+    fixed = {key: value for key, value in spec.items() if key != "suspend"}
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -258,7 +272,7 @@ def build_headless_service(resource: dict) -> dict:
         "metadata": _metadata(resource, service_name(owner)),
         "spec": {
             "clusterIP": "None",
-            "selector": {f"{GROUP}/training": owner[:MAX_NAME]},
+            "selector": {f"{GROUP}/training": label_value(owner)},
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
             # workers must find each other before they are Ready
             "publishNotReadyAddresses": True,

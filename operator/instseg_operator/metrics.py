@@ -78,6 +78,8 @@ class TrainingMetrics:
         status = resource.get("status") or {}
         key = (meta["namespace"], meta["name"])
         labels = (meta["namespace"], meta["name"], spec.get("template", ""))
+        if self._labels.get(key, labels) != labels:  # template changed: no stale series
+            self._remove_series(self._labels[key])
         self._labels[key] = labels
         phase = status.get("phase")
         if phase and phase != self._phases.get(key):
@@ -98,10 +100,13 @@ class TrainingMetrics:
         self._phases.pop((namespace, name), None)
         if labels is None:
             return
+        self._remove_series(labels)
+        self._count_phases()
+
+    def _remove_series(self, labels: tuple[str, str, str]) -> None:
         for gauge in [*self.gauges.values(), self.progress_ratio]:
             with contextlib.suppress(KeyError):  # never set for this training
                 gauge.remove(*labels)
-        self._count_phases()
 
     def _count_phases(self) -> None:
         for phase in PHASES:

@@ -13,6 +13,7 @@ PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
     "Failed",
     "Suspended",
 )
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONDITION_TYPES = ("Scheduled", "Running", "Succeeded", "Failed", "Suspended")
 # container waiting reasons that mean the pod will not start without the user's help
 STUCK_REASONS = {
@@ -64,11 +65,17 @@ def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
     return None
 
 
-def derive_phase(job: dict | None, pods: list[dict]) -> tuple[str, str, str]:
-    """(phase, reason, message) from the Job and its Pods."""
+def derive_phase(
+    job: dict | None, pods: list[dict], user_suspend: bool | None = None
+) -> tuple[str, str, str]:
+    """(phase, reason, message) from the Job and its Pods. `user_suspend` is the training's
+    spec.suspend: a Job suspended without the user asking is queued (Kueue), not Suspended.
+    None means "as the Job says" (no queue in between)."""
     if job is None:
         return PENDING, "JobNotCreated", "the training Job has not been created yet"
-    failed = _job_condition(job, "Failed")
+    # Kubernetes ≥ 1.31 sets FailureTarget / SuccessCriteriaMet first, then Failed / Complete
+    # once the pods are gone: both mean the outcome is decided
+    failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
     if failed:
         reason = failed.get("reason", "Failed")
         message = failed.get("message", "the training Job failed")
@@ -79,10 +86,17 @@ def derive_phase(job: dict | None, pods: list[dict]) -> tuple[str, str, str]:
                 reason, detail = "OOMKilled", detail + " (OOMKilled: raise spec.resources.memory)"
             message = f"{message}; {detail}"
         return FAILED, reason, message
-    if _job_condition(job, "Complete"):
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         return SUCCEEDED, "Completed", "training finished"
     spec, status = job.get("spec") or {}, job.get("status") or {}
     if spec.get("suspend") and not status.get("active"):
+        # a queued Job (Kueue: created suspended with a queue label, unsuspended on admission)
+        # waits for its queue; one suspended although the user did not ask waits for some
+        # other controller
+        queue = ((job.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
+        if queue or user_suspend is False:
+            where = f"queue {queue}" if queue else "its queue"
+            return PENDING, "Queued", f"waiting for admission in {where} (the Job is suspended)"
         return SUSPENDED, "Suspended", "the Job is suspended; set spec.suspend false to resume"
     problem = _waiting_problem(pods)
     if problem:
@@ -90,6 +104,9 @@ def derive_phase(job: dict | None, pods: list[dict]) -> tuple[str, str, str]:
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     if running:
         return RUNNING, "Training", f"{len(running)} trainer pod(s) running"
+    if status.get("succeeded") and not status.get("active"):
+        # the trainer exited 0 and the Job controller has not written Complete yet
+        return RUNNING, "Finishing", "the trainer finished; the Job is completing"
     if status.get("failed"):
         return PENDING, "Restarting", f"{status['failed']} failed attempt(s); retrying"
     return PENDING, "Starting", "waiting for the trainer pod to start"
@@ -130,10 +147,15 @@ def build_conditions(
 
 
 def training_status(
-    job: dict | None, pods: list[dict], previous: dict, generation: int, now: str
+    job: dict | None,
+    pods: list[dict],
+    previous: dict,
+    generation: int,
+    now: str,
+    user_suspend: bool | None = None,
 ) -> dict:
     """The status fields the operator owns (progress is the trainer's)."""
-    phase, reason, message = derive_phase(job, pods)
+    phase, reason, message = derive_phase(job, pods, user_suspend)
     job_status = (job or {}).get("status") or {}
     status = {
         "phase": phase,

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 URGENT_EVENTS = {"start", "validation", "final"}
+REQUEST_TIMEOUT = (5, 15)  # seconds: connect, read
 
 
 def _finite(value, digits: int | None = None) -> float | None:
@@ -142,8 +143,12 @@ class KubernetesStatusReporter:
         self._last_sent = self.clock()
         try:
             self.api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, PLURAL, self.name, body, _content_type=MERGE_PATCH
-            )
+                GROUP, VERSION, self.namespace, PLURAL, self.name, body,
+                _content_type=MERGE_PATCH,
+                # an unreachable API server must not hold up training (in DDP the other
+                # ranks would hit their collective timeout)
+                _request_timeout=REQUEST_TIMEOUT,
+            )  # fmt: skip
         except Exception as e:  # the training matters more than its progress report
             self.failures += 1
             log.warning(
