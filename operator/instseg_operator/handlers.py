@@ -78,6 +78,11 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> N
     )
     # Events: only the ones posted explicitly below (one per transition), not log lines
     settings.posting.loggers = False
+    # watch only our own Jobs and Pods, filtered by the API server (not every pod of the
+    # cluster, filtered here)
+    selector = ",".join(f"{key}={value}" for key, value in MANAGED.items())
+    settings.watching.label_selectors["batch", "jobs"] = selector
+    settings.watching.label_selectors["", "pods"] = selector
     settings.execution.max_workers = int(os.environ.get("INSTSEG_MAX_WORKERS", "16"))
     if os.environ.get("INSTSEG_PEERING_PRIORITY"):
         settings.peering.priority = int(os.environ["INSTSEG_PEERING_PRIORITY"])
