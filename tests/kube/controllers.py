@@ -652,17 +652,8 @@ class Controllers:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        procs = [p for r in self.runtimes.values() for p in r.procs if p.returncode is None]
-        for proc in procs:
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + SHUTDOWN_GRACE
-        for proc in procs:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), max(0.01, deadline - time.monotonic()))
-            if proc.returncode is None:
-                _signal_group(proc, signal.SIGKILL)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 2)
+        procs = [p for r in self.runtimes.values() for p in r.procs]
+        await _stop_processes(procs, SHUTDOWN_GRACE)
         await self.api.close()
 
     async def register_node(self) -> None:
@@ -1299,16 +1290,7 @@ class Controllers:
         """SIGTERM the pod's process groups, SIGKILL after `grace`, let the kubelet task
         write the final status."""
         runtime.killed = True
-        live = [p for p in runtime.procs if p.returncode is None]
-        for proc in live:
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in live:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), max(0.0, deadline - time.monotonic()))
-            if proc.returncode is None:
-                _signal_group(proc, signal.SIGKILL)
-                await proc.wait()
+        await _stop_processes(runtime.procs, grace)
         task = runtime.task
         if task is not None and not task.done():
             if not runtime.procs:  # waiting for an image or config: nothing to write
@@ -1603,6 +1585,21 @@ class Controllers:
 
 class _ConfigError(Exception):
     """A container's config refers to something missing (CreateContainerConfigError)."""
+
+
+async def _stop_processes(procs: list, grace: float) -> None:
+    """SIGTERM each live process group, SIGKILL what still runs after `grace` seconds."""
+    live = [p for p in procs if p.returncode is None]
+    for proc in live:
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in live:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), max(0.01, deadline - time.monotonic()))
+        if proc.returncode is None:
+            _signal_group(proc, signal.SIGKILL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 2)
 
 
 def _start_error(error: Exception) -> str:
