@@ -68,6 +68,19 @@ def resolve_device(device: str) -> torch.device:
     return target
 
 
+def configure_device(device: torch.device) -> None:
+    """Process-wide speed settings for training or inference on `device`."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals made CPU steps 3-7x slower
+    elif device.type == "cuda":
+        # inputs are padded to /32 and batched by aspect ratio, so the backbone sees few
+        # shapes; the heads' RoI counts vary but are bounded, so each shape is tuned once
+        torch.backends.cudnn.benchmark = True
+        # TF32 for what runs outside bf16 autocast (float32 heads' outputs, losses)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def setup_distributed(device: str = "auto") -> Distributed:
     """Reads torchrun's environment; initialises NCCL (CUDA) or gloo (CPU) when world > 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

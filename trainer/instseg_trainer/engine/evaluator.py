@@ -23,14 +23,15 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def detections_to_numpy(detection: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """One image's torchvision detections → numpy, masks binarised at 0.5."""
+    """One image's detections (from predict_batch) → numpy."""
     out = {
         "boxes": detection["boxes"].float().cpu().numpy(),
         "scores": detection["scores"].float().cpu().numpy(),
         "labels": detection["labels"].cpu().numpy() - 1,  # back to 0-based class indices
     }
     if "masks" in detection:
-        out["masks"] = (detection["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy()
+        # bool masks, 1 byte a pixel; .cpu() keeps their column-major strides for RLE encoding
+        out["masks"] = detection["masks"].cpu().numpy()
     return out
 
 
@@ -45,7 +46,9 @@ def predict(
     for images, _, metas in loader:
         inputs = to_model_input(images, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            detections = predict_batch(model, inputs, [m["original_size"] for m in metas])
+            detections = predict_batch(
+                model, inputs, [m["original_size"] for m in metas], MASK_THRESHOLD
+            )
         for meta, det in zip(metas, detections):
             yield meta, detections_to_numpy(det)
 

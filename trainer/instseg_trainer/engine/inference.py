@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from instseg_trainer.data.coco import ImageRecord, image_size, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
 from instseg_trainer.engine.checkpoint import load_checkpoint
-from instseg_trainer.engine.distributed import Distributed, resolve_device
+from instseg_trainer.engine.distributed import Distributed, configure_device, resolve_device
 from instseg_trainer.engine.evaluator import amp_dtype, coco_results, predict, score
 from instseg_trainer.errors import CheckpointError, DataError
 from instseg_trainer.evaluation.coco_eval import to_coco_results
@@ -48,8 +48,7 @@ class TrainedModel:
             load_backbone_weights=False,
         )
         self.model.load_state_dict(state["ema"])
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormals made CPU steps 3-7x slower
+        configure_device(self.device)
         self.model.to(self.device).eval()
 
     @property
@@ -64,6 +63,7 @@ class TrainedModel:
             batch_size=batch_size or self.batch_size,
             num_workers=workers,
             collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
         )
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from instseg_trainer.data.coco import CocoSubset, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset, collate
-from instseg_trainer.data.sampler import EpochSampler
+from instseg_trainer.data.sampler import EpochSampler, aspect_groups
 from instseg_trainer.engine.checkpoint import (
     BEST,
     LAST,
@@ -28,7 +28,7 @@ from instseg_trainer.engine.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from instseg_trainer.engine.distributed import Distributed, setup_distributed
+from instseg_trainer.engine.distributed import Distributed, configure_device, setup_distributed
 from instseg_trainer.engine.early_stopping import EarlyStopping
 from instseg_trainer.engine.ema import build_ema
 from instseg_trainer.engine.evaluator import amp_dtype, coco_results, score
@@ -142,7 +142,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _loader(
-    dataset: InstanceSegDataset, sampler: EpochSampler, batch_size: int, cfg: TrainConfig
+    dataset: InstanceSegDataset,
+    sampler: EpochSampler,
+    batch_size: int,
+    cfg: TrainConfig,
+    device: torch.device,
 ) -> DataLoader:
     workers = cfg.num_workers
     return DataLoader(
@@ -151,7 +155,7 @@ def _loader(
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=device.type == "cuda",  # masks too: targets are copied non_blocking
         persistent_workers=workers > 0,
         # its own generator: creating an iterator must not consume the global RNG,
         # or a resumed run would sample RPN anchors differently from an uninterrupted one
@@ -175,8 +179,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
     output = check_output_dir(cfg.output) if dist.is_main else Path(cfg.output)
     # one failing reporter (a status patch, say) must never stop the training
     reporter = MultiReporter([reporter]) if dist.is_main else None
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormals made CPU steps 3-7x slower
+    configure_device(device)
     _seed_everything(cfg.seed + dist.rank)
 
     train_set, val_set = load_datasets(cfg.train_root, cfg.val_root)
@@ -210,6 +213,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         flip_probability=hyper["flip_probability"],
         num_replicas=dist.world_size,
         rank=dist.rank,
+        groups=aspect_groups([(r.height, r.width) for r in train_set.records]),
+        batch_size=batch_size,
     )
     iterations_per_epoch = math.ceil(train_sampler.per_rank() / batch_size)
     ema = build_ema(model, hyper["ema_epoch_momentum"], iterations_per_epoch)
@@ -241,7 +246,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         _check_compatible(state, template, train_set, run_settings)
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(state["ema_steps"])
+        ema.steps = state["ema_steps"]
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         early.load_state_dict(state["early_stopping"])
@@ -256,7 +261,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
             **run_settings,
             "model": model.state_dict(),
             "ema": ema.module.state_dict(),
-            "ema_steps": int(ema.n_averaged),
+            "ema_steps": ema.steps,
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "early_stopping": early.state_dict(),
@@ -280,13 +285,21 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         else model
     )
     train_loader = _loader(
-        InstanceSegDataset(train_set.records, template.input_size), train_sampler, batch_size, cfg
+        InstanceSegDataset(train_set.records, template.input_size),
+        train_sampler,
+        batch_size,
+        cfg,
+        device,
     )
     val_sampler = EpochSampler(
         len(val_set.records), train=False, num_replicas=dist.world_size, rank=dist.rank
     )
     val_loader = _loader(
-        InstanceSegDataset(val_set.records, template.input_size), val_sampler, batch_size, cfg
+        InstanceSegDataset(val_set.records, template.input_size),
+        val_sampler,
+        batch_size,
+        cfg,
+        device,
     )
     ground_truth = val_set.ground_truth()
     autocast_dtype = amp_dtype(device)

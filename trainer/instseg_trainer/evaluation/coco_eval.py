@@ -26,11 +26,13 @@ _SUMMARY_STATS = {
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
     """Encode (N, H, W) binary masks as COCO compressed RLE dicts with ``counts`` as str."""
+    masks = np.asarray(masks)
     if len(masks) == 0:
         return []
-    # pycocotools encodes (H, W, N) uint8 arrays in Fortran order.
-    stacked = np.asfortranarray(np.transpose(np.asarray(masks), (1, 2, 0)).astype(np.uint8))
-    rles = mask_utils.encode(stacked)
+    # pycocotools encodes (H, W, N) uint8 arrays in Fortran order; bool masks whose strides
+    # are already column-major per mask (predict_batch's) pass through without a copy
+    as_bytes = masks.view(np.uint8) if masks.dtype == np.bool_ else masks.astype(np.uint8)
+    rles = mask_utils.encode(np.asfortranarray(np.transpose(as_bytes, (1, 2, 0))))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
