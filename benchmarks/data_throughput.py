@@ -52,8 +52,9 @@ def pipeline_img_s(template: Template, data: Path, workers: int, batches: int) -
         template, train_root=data, val_root=data, output=data, num_workers=workers, seed=SEED
     )
     loader = _loader(
-        InstanceSegDataset(records, template.input_size), sampler, hyper["batch_size"], cfg
-    )
+        InstanceSegDataset(records, template.input_size), sampler, hyper["batch_size"], cfg,
+        torch.device("cpu"),  # the pipeline alone: no pinning for a device
+    )  # fmt: skip
     it = iter(loader)
     next(it)
     start = time.perf_counter()
