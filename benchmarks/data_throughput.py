@@ -36,14 +36,16 @@ from train_throughput import (
 
 from instseg_trainer.data.coco import load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
-from instseg_trainer.engine.distributed import resolve_device
+from instseg_trainer.engine.distributed import configure_device, resolve_device
 from instseg_trainer.engine.trainer import TrainConfig, _loader
 from instseg_trainer.models.mask_rcnn import build_model
 from instseg_trainer.sample_data import CLASS_NAMES
 from instseg_trainer.templates import Template, get_template
 
 
-def pipeline_img_s(template: Template, data: Path, workers: int, batches: int) -> float:
+def pipeline_img_s(
+    template: Template, data: Path, workers: int, batches: int, device: torch.device
+) -> float:
     """images/s of the trainer's training DataLoader over `batches` batches after the first."""
     hyper = template.hyperparameters
     records = load_coco_subset(data, "train").records
@@ -53,7 +55,7 @@ def pipeline_img_s(template: Template, data: Path, workers: int, batches: int) -
     )
     loader = _loader(
         InstanceSegDataset(records, template.input_size), sampler, hyper["batch_size"], cfg,
-        torch.device("cpu"),  # the pipeline alone: no pinning for a device
+        device,  # pinned for CUDA as in training
     )  # fmt: skip
     it = iter(loader)
     next(it)
@@ -76,8 +78,9 @@ def model_img_s(
     model = build_model(template.model, len(CLASS_NAMES), template.input_size, "none").to(device)
     hyper = template.hyperparameters
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=hyper["learning_rate"], momentum=hyper["momentum"]
-    )
+        model.parameters(), lr=hyper["learning_rate"], momentum=hyper["momentum"],
+        weight_decay=hyper["weight_decay"],
+    )  # fmt: skip
     img_s, _ = bare_loop_img_s(model, optimizer, batches, warmup, device, hyper["batch_size"])
     return img_s
 
@@ -102,8 +105,7 @@ def main() -> None:
     worker_counts = sorted({int(w) for w in args.workers.split(",")} | {DEFAULT_WORKERS})
 
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as the trainer does on CPU
+    configure_device(device)  # as the trainer does
     template = get_template(args.template).with_overrides(
         input_size=args.input_size, batch_size=args.batch_size
     )
@@ -112,7 +114,7 @@ def main() -> None:
         data = sample_dataset(args.data, needed, args.input_size, Path(scratch))
         rates = {}
         for workers in worker_counts:
-            rates[workers] = pipeline_img_s(template, data, workers, args.batches)
+            rates[workers] = pipeline_img_s(template, data, workers, args.batches, device)
             print(f"{workers} workers: {rates[workers]:.1f} img/s", flush=True)
         model_rate = args.model_img_s or model_img_s(
             template, data, device, args.model_warmup, args.model_steps

@@ -132,7 +132,9 @@ def torchvision_model(template: Template, num_classes: int) -> MaskRCNN:
     """torchvision's MaskRCNN (its transform, losses and box coder) with the template's parts."""
     cfg = template.model
     rpn, roi, mask = cfg["rpn"], cfg["roi"], cfg["mask_head"]
-    backbone = build_backbone(cfg["backbone"], cfg["fpn_channels"], "none")
+    backbone = build_backbone(
+        cfg["backbone"], cfg["fpn_channels"], "none", cfg.get("drop_path_rate", 0.1)
+    )
     channels = backbone.out_channels
     return MaskRCNN(
         backbone,

@@ -68,17 +68,18 @@ def resolve_device(device: str) -> torch.device:
     return target
 
 
-def configure_device(device: torch.device) -> None:
-    """Process-wide speed settings for training or inference on `device`."""
+def configure_device(device: torch.device, tune: bool = True) -> None:
+    """Process-wide speed settings on `device`. `tune` (training) also lets cuDNN pick
+    kernels per shape and matmuls outside autocast use TF32; inference in someone else's
+    process (`TrainedModel`) leaves those alone."""
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals made CPU steps 3-7x slower
-    elif device.type == "cuda":
+    elif device.type == "cuda" and tune:
         # inputs are padded to /32 and batched by aspect ratio, so the backbone sees few
         # shapes; the heads' RoI counts vary but are bounded, so each shape is tuned once
         torch.backends.cudnn.benchmark = True
         # TF32 for what runs outside bf16 autocast (float32 heads' outputs, losses)
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 def setup_distributed(device: str = "auto") -> Distributed:

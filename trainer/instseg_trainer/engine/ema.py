@@ -27,16 +27,17 @@ class WeightEma:
         self.module = copy.deepcopy(model)
         self.decay = decay
         self.steps = 0
-        self._floats, self._others = _split_floating(_tensors(self.module))
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
+        # listed afresh each time: .to() or load_state_dict(assign=True) replace tensors
+        mine, mine_others = _split_floating(_tensors(self.module))
         floats, others = _split_floating(_tensors(model))
         if self.steps == 0:
-            torch._foreach_copy_(self._floats + self._others, floats + others)
+            torch._foreach_copy_(mine + mine_others, floats + others)
         else:
-            torch._foreach_lerp_(self._floats, floats, 1.0 - self.decay)
-            for averaged, current in zip(self._others, others, strict=True):
+            torch._foreach_lerp_(mine, floats, 1.0 - self.decay)
+            for averaged, current in zip(mine_others, others, strict=True):
                 averaged.copy_(averaged * self.decay + current * (1.0 - self.decay))
         self.steps += 1
 

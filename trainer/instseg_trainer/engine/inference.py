@@ -48,7 +48,7 @@ class TrainedModel:
             load_backbone_weights=False,
         )
         self.model.load_state_dict(state["ema"])
-        configure_device(self.device)
+        configure_device(self.device, tune=False)
         self.model.to(self.device).eval()
 
     @property

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 CURVES = "curves.png"
 
+# the checkpoint records how batches were formed, so a resume continues the same sequence
+GROUPED_BATCHING = "aspect-ratio-groups"
+
 
 @dataclass
 class TrainConfig:
@@ -213,7 +216,10 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         flip_probability=hyper["flip_probability"],
         num_replicas=dist.world_size,
         rank=dist.rank,
-        groups=aspect_groups([(r.height, r.width) for r in train_set.records]),
+        # a run started before batches were grouped by aspect ratio resumes in its own order
+        groups=aspect_groups([(r.height, r.width) for r in train_set.records])
+        if not state or state.get("batching") == GROUPED_BATCHING
+        else None,
         batch_size=batch_size,
     )
     iterations_per_epoch = math.ceil(train_sampler.per_rank() / batch_size)
@@ -262,6 +268,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
             "model": model.state_dict(),
             "ema": ema.module.state_dict(),
             "ema_steps": ema.steps,
+            "batching": GROUPED_BATCHING if train_sampler.groups is not None else "random",
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "early_stopping": early.state_dict(),
