@@ -74,7 +74,7 @@ def training(name: str) -> dict:
 
 
 def complete(batch: client.BatchV1Api, name: str) -> None:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     status = {
         "startTime": now,
         "completionTime": now,
