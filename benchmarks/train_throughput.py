@@ -60,6 +60,7 @@ from instseg_trainer.engine.trainer import TrainConfig, train
 from instseg_trainer.models.backbones import build_backbone
 from instseg_trainer.models.complexity import measure_complexity
 from instseg_trainer.models.mask_rcnn import FEATURE_LEVELS, IMAGENET_MEAN, IMAGENET_STD
+from instseg_trainer.reporting.reporters import MemoryReporter
 from instseg_trainer.sample_data import CLASS_NAMES, write_sample_dataset
 from instseg_trainer.templates import Template, get_template
 
@@ -187,19 +188,6 @@ def set_global_flags(flags: dict) -> None:
     torch.backends.cuda.matmul.allow_tf32 = flags["matmul_allow_tf32"]
 
 
-class EventLog:
-    """A Reporter that keeps the trainer's events in memory."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def report(self, event: dict) -> None:
-        self.events.append(event)
-
-    def close(self) -> None:
-        pass
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -217,7 +205,7 @@ def run_ours(
     template: Template, data: Path, device: torch.device, warmup: int, steps: int, workers: int
 ) -> tuple[float, float | None]:
     """images/s of train() over `steps` iterations after `warmup`, and its peak memory."""
-    log = EventLog()
+    log = MemoryReporter()
     with tempfile.TemporaryDirectory(prefix="ours-") as output:
         cfg = TrainConfig(
             template=template,

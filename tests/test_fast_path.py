@@ -17,6 +17,7 @@ from instseg_trainer.engine.ema import build_ema, ema_decay
 from instseg_trainer.engine.trainer import TrainConfig, train
 from instseg_trainer.evaluation.coco_eval import encode_masks
 from instseg_trainer.models.mask_rcnn import paste_binary_masks
+from instseg_trainer.reporting.reporters import MemoryReporter
 from instseg_trainer.sample_data import write_sample_dataset
 from instseg_trainer.templates import get_template
 
@@ -131,17 +132,6 @@ def test_ema_equals_torchs_averaged_model() -> None:
     assert ema.steps == int(reference.n_averaged) == 5
 
 
-class _Events:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def report(self, event: dict) -> None:
-        self.events.append(event)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.mark.slow
 def test_logged_loss_is_the_mean_of_the_steps_in_its_window(tmp_path: Path) -> None:
     root = tmp_path / "data"
@@ -151,7 +141,7 @@ def test_logged_loss_is_the_mean_of_the_steps_in_its_window(tmp_path: Path) -> N
     )
 
     def losses(log_interval: int) -> list[dict]:
-        events = _Events()
+        events = MemoryReporter()
         config = TrainConfig(template, root, root, tmp_path / f"run{log_interval}",
                              device="cpu", num_workers=0, backbone_weights="none",
                              stop_after_iterations=2, log_interval=log_interval)  # fmt: skip

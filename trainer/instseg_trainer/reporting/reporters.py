@@ -244,6 +244,19 @@ class TerminalReporter:
         )
 
 
+class MemoryReporter:
+    """Keeps the events in a list (`events`): for programs that drive `train()` themselves."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def report(self, event: Event) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+
 class MultiReporter:
     """Sends each event to several reporters; one that fails never stops the others."""
 
