@@ -104,11 +104,16 @@ def derive_phase(
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     if running:
         return RUNNING, "Training", f"{len(running)} trainer pod(s) running"
-    if status.get("succeeded") and not status.get("active"):
+    # the pods' own phases lead the Job's counters: between a pod's exit and the Job
+    # controller's next sync the Job still counts it active, so decide from the pods too
+    phases = [(p.get("status") or {}).get("phase") for p in pods]
+    waiting = "Pending" in phases
+    if (status.get("succeeded") or "Succeeded" in phases) and not waiting:
         # the trainer exited 0 and the Job controller has not written Complete yet
         return RUNNING, "Finishing", "the trainer finished; the Job is completing"
-    if status.get("failed"):
-        return PENDING, "Restarting", f"{status['failed']} failed attempt(s); retrying"
+    failures = max(status.get("failed") or 0, phases.count("Failed"))
+    if failures:
+        return PENDING, "Restarting", f"{failures} failed attempt(s); retrying"
     return PENDING, "Starting", "waiting for the trainer pod to start"
 
 
