@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -173,9 +175,19 @@ def test_torchrun_two_processes_on_cpu(tiny_root: Path, tmp_path: Path) -> None:
     assert len(load_checkpoint(run / "last.pt")["rng"]) == 2  # each rank's RNG, for resume
 
 
-def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tiny_root: Path, tmp_path: Path) -> None:
-    """What a pod eviction or Job suspension does: SIGTERM mid-epoch, then the same command."""
-    import signal
+@pytest.mark.parametrize(
+    ("workers", "signum", "to_group"),
+    [
+        (0, signal.SIGTERM, False),  # a pod eviction or Job suspension: SIGTERM to the trainer
+        (2, signal.SIGTERM, True),  # `timeout`, or a runtime signalling the whole group
+        (2, signal.SIGINT, True),  # Ctrl-C in a terminal: the foreground group, loader workers too
+    ],
+    ids=["sigterm", "sigterm-group-with-workers", "ctrl-c-with-workers"],
+)
+def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_finishes(
+    tiny_root: Path, tmp_path: Path, workers: int, signum: int, to_group: bool
+) -> None:
+    """Stopped mid-epoch, then the same command again: nothing done before the signal is lost."""
     import subprocess
     import sys
 
@@ -184,13 +196,18 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tiny_root: Path, tmp_
         sys.executable, "-m", "instseg_trainer.cli", "train", "MaskRCNN-EfficientNetB2B",
         "--train-data-roots", str(tiny_root), "--val-data-roots", str(tiny_root),
         "--output", str(run), "--epochs", "2", "--batch-size", "1", "--input-size", "64",
-        "--backbone-weights", "none", "--workers", "0", "--log-interval", "1",
+        "--backbone-weights", "none", "--workers", str(workers), "--log-interval", "1",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     for line in proc.stdout:  # wait until it is really training
         if json.loads(line)["event"] == "iteration":
             break
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-2000:]
     final = json.loads(out.splitlines()[-1])

@@ -144,6 +144,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _own_process_group(worker_id: int) -> None:
+    """Each DataLoader worker leaves the trainer's process group. A signal to the group
+    (Ctrl-C in a terminal, `timeout`, a runtime that signals every process of a container)
+    would otherwise kill the workers at once, and the main process would fail on the dead
+    workers instead of finishing the iteration and saving its checkpoint. Outside the group
+    a worker still ends with the trainer: it is shut down when the loader is, and exits by
+    itself when its parent is gone."""
+    os.setpgid(0, 0)
+
+
 def _loader(
     dataset: InstanceSegDataset,
     sampler: EpochSampler,
@@ -160,6 +170,7 @@ def _loader(
         collate_fn=collate,
         pin_memory=device.type == "cuda",  # masks too: targets are copied non_blocking
         persistent_workers=workers > 0,
+        worker_init_fn=_own_process_group if workers > 0 else None,
         # its own generator: creating an iterator must not consume the global RNG,
         # or a resumed run would sample RPN anchors differently from an uninterrupted one
         generator=torch.Generator().manual_seed(cfg.seed),
