@@ -37,7 +37,7 @@ from train_throughput import (
 from instseg_trainer.data.coco import load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
 from instseg_trainer.engine.distributed import configure_device, resolve_device
-from instseg_trainer.engine.trainer import TrainConfig, _loader
+from instseg_trainer.engine.trainer import TrainConfig, data_loader
 from instseg_trainer.models.mask_rcnn import build_model
 from instseg_trainer.sample_data import CLASS_NAMES
 from instseg_trainer.templates import Template, get_template
@@ -53,7 +53,7 @@ def pipeline_img_s(
     cfg = TrainConfig(
         template, train_root=data, val_root=data, output=data, num_workers=workers, seed=SEED
     )
-    loader = _loader(
+    loader = data_loader(
         InstanceSegDataset(records, template.input_size), sampler, hyper["batch_size"], cfg,
         device,  # pinned for CUDA as in training
     )  # fmt: skip

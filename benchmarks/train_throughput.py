@@ -54,9 +54,9 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from instseg_trainer.data.coco import ImageRecord, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
-from instseg_trainer.data.sampler import EpochSampler, aspect_groups
+from instseg_trainer.data.sampler import EpochSampler
 from instseg_trainer.engine.distributed import resolve_device
-from instseg_trainer.engine.trainer import TrainConfig, train
+from instseg_trainer.engine.trainer import TrainConfig, train, train_sampler_for
 from instseg_trainer.models.backbones import build_backbone
 from instseg_trainer.models.complexity import measure_complexity
 from instseg_trainer.models.mask_rcnn import FEATURE_LEVELS, IMAGENET_MEAN, IMAGENET_STD
@@ -100,16 +100,8 @@ def sample_dataset(root: Path | None, images: int, input_size: int, scratch: Pat
 
 
 def train_sampler(records: list[ImageRecord], template: Template) -> EpochSampler:
-    """The sampler the trainer builds for a single process (a copy of its arguments)."""
-    hyper = template.hyperparameters
-    return EpochSampler(
-        len(records),
-        train=True,
-        seed=SEED,
-        flip_probability=hyper["flip_probability"],
-        groups=aspect_groups([(r.height, r.width) for r in records]),
-        batch_size=hyper["batch_size"],
-    )
+    """The sampler the trainer builds for a single process."""
+    return train_sampler_for(records, template.hyperparameters, SEED)
 
 
 def training_batches(

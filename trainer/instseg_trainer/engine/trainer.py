@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from instseg_trainer.data.coco import CocoSubset, load_coco_subset
+from instseg_trainer.data.coco import CocoSubset, ImageRecord, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset, collate
 from instseg_trainer.data.sampler import EpochSampler, aspect_groups
 from instseg_trainer.engine.checkpoint import (
@@ -154,7 +154,29 @@ def _own_process_group(worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
-def _loader(
+def train_sampler_for(
+    records: list[ImageRecord],
+    hyper: dict,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    grouped: bool = True,
+) -> EpochSampler:
+    """The training sampler: shuffled, flipped with the recipe's probability, batches grouped
+    by aspect ratio (unless `grouped` is false: the order of runs from before grouping)."""
+    return EpochSampler(
+        len(records),
+        train=True,
+        seed=seed,
+        flip_probability=hyper["flip_probability"],
+        num_replicas=num_replicas,
+        rank=rank,
+        groups=aspect_groups([(r.height, r.width) for r in records]) if grouped else None,
+        batch_size=hyper["batch_size"],
+    )
+
+
+def data_loader(
     dataset: InstanceSegDataset,
     sampler: EpochSampler,
     batch_size: int,
@@ -220,18 +242,14 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
     model.to(device)
 
     batch_size = hyper["batch_size"]
-    train_sampler = EpochSampler(
-        len(train_set.records),
-        train=True,
-        seed=cfg.seed,
-        flip_probability=hyper["flip_probability"],
+    train_sampler = train_sampler_for(
+        train_set.records,
+        hyper,
+        cfg.seed,
         num_replicas=dist.world_size,
         rank=dist.rank,
         # a run started before batches were grouped by aspect ratio resumes in its own order
-        groups=aspect_groups([(r.height, r.width) for r in train_set.records])
-        if not state or state.get("batching") == GROUPED_BATCHING
-        else None,
-        batch_size=batch_size,
+        grouped=not state or state.get("batching") == GROUPED_BATCHING,
     )
     iterations_per_epoch = math.ceil(train_sampler.per_rank() / batch_size)
     ema = build_ema(model, hyper["ema_epoch_momentum"], iterations_per_epoch)
@@ -302,7 +320,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
         if dist.enabled
         else model
     )
-    train_loader = _loader(
+    train_loader = data_loader(
         InstanceSegDataset(train_set.records, template.input_size),
         train_sampler,
         batch_size,
@@ -312,7 +330,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
     val_sampler = EpochSampler(
         len(val_set.records), train=False, num_replicas=dist.world_size, rank=dist.rank
     )
-    val_loader = _loader(
+    val_loader = data_loader(
         InstanceSegDataset(val_set.records, template.input_size),
         val_sampler,
         batch_size,
