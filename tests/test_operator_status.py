@@ -24,7 +24,8 @@ def cond(kind: str, reason: str = "", message: str = "") -> dict:
     return {"type": kind, "status": "True", "reason": reason, "message": message}
 
 
-def pod(phase="Pending", waiting=None, terminated=None, unschedulable=None) -> dict:
+def pod(phase="Pending", waiting=None, terminated=None, unschedulable=None,
+        deleting=False) -> dict:  # fmt: skip
     status: dict = {"phase": phase, "conditions": [], "containerStatuses": []}
     if unschedulable:
         status["conditions"].append(
@@ -38,7 +39,7 @@ def pod(phase="Pending", waiting=None, terminated=None, unschedulable=None) -> d
         state["terminated"] = terminated
     if state:
         status["containerStatuses"].append({"name": "trainer", "state": state})
-    return {"status": status}
+    return {"metadata": {"deletionTimestamp": NOW} if deleting else {}, "status": status}
 
 
 CASES = [
@@ -68,6 +69,10 @@ CASES = [
      "Pending", "Restarting"),
     ("retry pod waiting after a failed one", job(active=1, failed=1),
      [pod("Failed"), pod()], "Pending", "Restarting"),
+    ("resumed while the suspended trainer still saves its checkpoint", job(active=1),
+     [pod("Running", deleting=True), pod()], "Pending", "Starting"),
+    ("the trainer stopped by the suspension is not a failed attempt", job(active=1),
+     [pod("Failed", deleting=True), pod()], "Pending", "Starting"),
     ("success decided (1.31+)", job(succeeded=1, conditions=[cond("SuccessCriteriaMet")]),
      [pod("Succeeded")], "Succeeded", "Completed"),
     ("failure decided (Kubernetes 1.31+)", job(failed=4, conditions=[cond("FailureTarget",

@@ -98,6 +98,9 @@ def derive_phase(
             where = f"queue {queue}" if queue else "its queue"
             return PENDING, "Queued", f"waiting for admission in {where} (the Job is suspended)"
         return SUSPENDED, "Suspended", "the Job is suspended; set spec.suspend false to resume"
+    # a pod being deleted (the Job suspended or replaced, the node drained) is on its way out:
+    # it neither runs the training nor counts as a failed attempt
+    pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     problem = _waiting_problem(pods)
     if problem:
         return PENDING, problem[0], problem[1]
