@@ -158,7 +158,7 @@ def test_torchrun_two_processes_on_cpu(tiny_root: Path, tmp_path: Path) -> None:
 
     run = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "instseg_trainer.cli", "train", "MaskRCNN-EfficientNetB2B",
         "--train-data-roots", str(tiny_root), "--val-data-roots", str(tiny_root),
         "--output", str(run), "--epochs", "1", "--batch-size", "1", "--input-size", "64",

@@ -287,7 +287,7 @@ def test_watch_from_a_resource_version(api: k8s.ApiClient, namespace: str) -> No
             core.list_namespaced_config_map,
             namespace,
             resource_version=listed.metadata.resource_version,
-            timeout_seconds=3,
+            timeout_seconds=30,  # the loop ends at DELETED
         )
         for event in stream:
             events.append((event["type"], event["object"].metadata.name))

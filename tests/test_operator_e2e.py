@@ -44,7 +44,12 @@ class Cluster:
 
     def restart_operator(self, sig: int = signal.SIGKILL) -> None:
         self.operator.stop(sig)
-        self.operator = self.start_operator()  # stopped by close() even if it never gets healthy
+        # a killed replica leaves its peering record behind for kopf's lifetime (60 s), and
+        # an older record outranks a newer one: the replacement outranks it explicitly, so it
+        # acts at once (a graceful stop removes the record)
+        priority = 2**62 if sig == signal.SIGKILL else None
+        # stopped by close() even if it never gets healthy
+        self.operator = self.start_operator(priority=priority)
         self.operator.wait_healthy()
 
     def namespace(self, name: str, with_data: bool = True) -> str:
@@ -83,6 +88,16 @@ class Cluster:
     def events(self, namespace: str, name: str) -> list[dict]:
         field = f"involvedObject.name={name},involvedObject.kind={mf.KIND}"
         return self.kubectl.json("events", "-n", namespace, "--field-selector", field)["items"]
+
+    def wait_event(self, namespace: str, name: str, reason: str, count: int = 1) -> list[dict]:
+        """The training's Events once `reason` is among them (kopf posts Events from a queue,
+        a moment after the status write that a phase wait sees)."""
+
+        def posted() -> list[dict] | None:
+            events = self.events(namespace, name)
+            return events if [e["reason"] for e in events].count(reason) >= count else None
+
+        return wait_for(f"a {reason} Event for {namespace}/{name}", posted, timeout=30)
 
     def transitions(self, namespace: str, name: str) -> list[str]:
         """The phases the operator wrote, in order (from its log: `ns/name: A → B (...)`)."""
@@ -157,8 +172,8 @@ def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> Non
     assert "Succeeded" in table and "1/1" in table and "MaskRCNN-ResNet50" in table
     described = cluster.kubectl("describe", "ist", "shapes-r50", "-n", ns)
     assert "JobCreated" in described
-    reasons = [e["reason"] for e in cluster.events(ns, "shapes-r50")]
-    assert "JobCreated" in reasons and "Completed" in reasons
+    reasons = [e["reason"] for e in cluster.wait_event(ns, "shapes-r50", "Completed")]
+    assert "JobCreated" in reasons
     # one Event per phase change, and the phase never goes back to Pending once Running
     assert reasons.count("Completed") == 1
     phases = cluster.transitions(ns, "shapes-r50")
@@ -189,7 +204,8 @@ def test_bad_spec_fails_without_a_job_and_missing_volume_waits(cluster: Cluster)
     cluster.kubectl.apply(bad)
     failed = cluster.wait_phase(ns, "bad-cpu", "Failed", timeout=60)
     assert "spec.resources.cpu: 'eight' is not a Kubernetes quantity" in failed["status"]["message"]
-    warnings = [e for e in cluster.events(ns, "bad-cpu") if e["type"] == "Warning"]
+    events = cluster.wait_event(ns, "bad-cpu", "InvalidSpec")
+    warnings = [e for e in events if e["type"] == "Warning"]
     assert warnings and warnings[0]["reason"] == "InvalidSpec"
     assert not cluster.jobs(ns)
 
@@ -221,7 +237,8 @@ def test_failing_trainer_ends_in_backoff_limit_exceeded(cluster: Cluster) -> Non
     assert "last trainer exit code 2" in failed["status"]["message"]  # the CLI's user error
     (job,) = cluster.jobs(ns)
     assert job["status"]["failed"] == 2
-    warning = [e for e in cluster.events(ns, "no-data") if e["type"] == "Warning"]
+    events = cluster.wait_event(ns, "no-data", "BackoffLimitExceeded")
+    warning = [e for e in events if e["type"] == "Warning"]
     assert warning and warning[-1]["reason"] == "BackoffLimitExceeded"
 
 
@@ -255,7 +272,7 @@ def test_pods_that_cannot_start_say_why(cluster: Cluster) -> None:
     (new,) = wait_for("the replacement Job", replaced, timeout=60)
     cluster.wait_phase(ns, "nowhere", "Suspended", timeout=60)
     assert "nodeSelector" not in new["spec"]["template"]["spec"]
-    assert "JobReplaced" in [e["reason"] for e in cluster.events(ns, "nowhere")]
+    cluster.wait_event(ns, "nowhere", "JobReplaced")
     cluster.kubectl("delete", "ist", "--all", "-n", ns)
 
 
@@ -282,16 +299,17 @@ def test_suspend_resume_and_operator_restart_mid_training(cluster: Cluster) -> N
         "patch", "ist", "long", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
     )
     cluster.wait_phase(ns, "long", "Running", timeout=60)
+    # kopf posts Events from a queue: let it post the Resuming one before the SIGKILL
+    reasons = [e["reason"] for e in cluster.wait_event(ns, "long", "Resuming")]
+    assert "Suspending" in reasons
     cluster.restart_operator()  # killed mid-training: the new one carries on
-    done = cluster.wait_phase(ns, "long", "Succeeded")
+    done = cluster.wait_phase(ns, "long", "Succeeded", timeout=2 * TIMEOUT)  # 6 epochs
     assert done["status"]["progress"]["epochText"] == "6/6"
     (after,) = cluster.jobs(ns)
     assert after["metadata"]["uid"] == job["metadata"]["uid"]  # never a second Job
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     starts = [e for e in events if e["event"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_at_iteration"] > 0
-    reasons = [e["reason"] for e in cluster.events(ns, "long")]
-    assert "Suspending" in reasons and "Resuming" in reasons
 
 
 def test_fifty_trainings_applied_at_once_get_exactly_fifty_jobs(cluster: Cluster) -> None:
@@ -301,20 +319,25 @@ def test_fifty_trainings_applied_at_once_get_exactly_fifty_jobs(cluster: Cluster
     wait_for("50 Jobs", lambda: len(cluster.jobs(ns)) == 50, timeout=120)
     wait_for("50 Suspended trainings", lambda: cluster.phases(ns).count("Suspended") == 50, 120)
     uids = sorted(j["metadata"]["uid"] for j in cluster.jobs(ns))
+
+    def job_created_events() -> list[dict]:
+        items = cluster.kubectl.json("events", "-n", ns)["items"]
+        return [e for e in items if e["reason"] == "JobCreated"]
+
+    wait_for("50 JobCreated Events", lambda: len(job_created_events()) >= 50, timeout=60)
     log = cluster.root / "operator.log"
-    before = log.read_text().count("Resuming is processed")
+
+    def resumed() -> int:  # kopf logs `[bulk/t07] Resuming is processed: ...`
+        return sum(1 for line in log.read_text().splitlines()
+                   if f"[{ns}/" in line and "Resuming is processed" in line)  # fmt: skip
+
+    before = resumed()
     cluster.restart_operator(signal.SIGTERM)  # a restart resumes all 50 without duplicates
-    wait_for(
-        "the new operator to resume all 50",
-        lambda: log.read_text().count("Resuming is processed") - before >= 50,
-        timeout=120,
-    )
+    wait_for("the new operator to resume all 50", lambda: resumed() - before >= 50, timeout=120)
     names = sorted(j["metadata"]["name"] for j in cluster.jobs(ns))
     assert names == [f"t{i:02d}-train" for i in range(50)]
     assert sorted(j["metadata"]["uid"] for j in cluster.jobs(ns)) == uids
-    created = [e for e in cluster.kubectl.json("events", "-n", ns)["items"]
-               if e["reason"] == "JobCreated"]  # fmt: skip
-    assert len(created) == 50
+    assert len(job_created_events()) == 50  # none created again by the restarted operator
     cluster.kubectl("delete", "ist", "--all", "-n", ns)
     wait_for("the Jobs to go", lambda: not cluster.jobs(ns), timeout=60)
 
@@ -348,8 +371,9 @@ def test_a_second_replica_stays_idle_then_takes_over(cluster: Cluster) -> None:
         wait_for("the second replica to pause", lambda: paused in second.log.read_text(), 60)
         cluster.kubectl.apply(training("one", ns, suspend=True))
         cluster.wait_phase(ns, "one", "Suspended", timeout=60)
-        created = [e for e in cluster.events(ns, "one") if e["reason"] == "JobCreated"]
-        assert len(created) == 1 and len(cluster.jobs(ns)) == 1
+        events = cluster.wait_event(ns, "one", "JobCreated")
+        assert [e["reason"] for e in events].count("JobCreated") == 1
+        assert len(cluster.jobs(ns)) == 1
         assert f"[{ns}/one]" not in second.log.read_text()  # the idle replica never handled it
     except BaseException:
         second.stop()
