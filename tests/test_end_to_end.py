@@ -220,3 +220,46 @@ def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_finishes(
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events[0]["resumed_at_iteration"] == stopped_at
     assert events[-1]["status"] == "completed" and events[-1]["iteration"] == 8
+
+
+def test_a_stop_signal_during_validation_ends_at_once_and_the_rerun_validates(
+    tmp_path: Path,
+) -> None:
+    """The epoch's training is saved before validation starts; a SIGTERM during validation
+    (a long one on a real val set would outlast the pod's grace period) ends the run at once,
+    and the same command validates that epoch first, then goes on."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    write_sample_dataset(data, num_train=4, num_val=12, seed=2, min_size=64, max_size=96)
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "instseg_trainer.cli", "train", "MaskRCNN-EfficientNetB2B",
+        "--train-data-roots", str(data), "--val-data-roots", str(data),
+        "--output", str(run), "--epochs", "2", "--batch-size", "2", "--input-size", "64",
+        "--backbone-weights", "none", "--workers", "0", "--log-interval", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the first epoch is trained: validation comes next
+        if json.loads(line)["event"] == "epoch":
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    first = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in first] == ["final"] and first[0]["status"] == "interrupted"
+    position = load_checkpoint(run / "last.pt")["position"]
+    assert (position["epoch"], position["epoch_step"], position["iteration"]) == (1, 0, 2)
+    assert position["validation_pending"] is True
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[0]["event"] == "start" and events[0]["resumed_at_iteration"] == 2
+    assert (events[1]["event"], events[1]["epoch"]) == ("validation", 1)  # no training first
+    assert events[-1]["status"] == "completed" and events[-1]["iteration"] == 4
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in logged if e["event"] == "validation"] == [1, 2]
+    assert [e["epoch"] for e in logged if e["event"] == "epoch"] == [1, 2]
+    assert not load_checkpoint(run / "last.pt")["position"]["validation_pending"]

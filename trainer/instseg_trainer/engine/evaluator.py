@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 
 import numpy as np
@@ -60,11 +60,15 @@ def coco_results(
     category_ids: list[int],
     dist: Distributed,
     amp_dtype: torch.dtype | None = None,
-) -> list[dict]:
-    """COCO results of every image of the (possibly sharded) loader, on every rank."""
+    should_stop: Callable[[], bool] | None = None,
+) -> list[dict] | None:
+    """COCO results of every image of the (possibly sharded) loader, on every rank; None when
+    `should_stop` said so between two images (single process only: ranks gather at the end)."""
     ids = np.asarray(category_ids)
     local: list[dict] = []
     for meta, det in predict(model, loader, device, amp_dtype):
+        if should_stop is not None and should_stop():
+            return None
         local.extend(
             to_coco_results(
                 meta["image_id"], det["boxes"], det["scores"], ids[det["labels"]], det.get("masks")

@@ -73,6 +73,9 @@ class _Position:
     epoch_step: int = 0  # batches done in the epoch in progress
     iteration: int = 0  # optimizer steps done in total
     finished: str | None = None  # "completed" / "early_stopped" once training has ended
+    # the epoch `epoch` is trained and saved, its validation not yet done: a run stopped
+    # during validation resumes with it
+    validation_pending: bool = False
 
 
 class _StopSignal:
@@ -359,40 +362,49 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
 
     timing = {"train_seconds": 0.0, "train_iterations": 0, "val_seconds": 0.0}
     with _StopSignal() as stop:
-        while pos.epoch < total_epochs:
-            train_sampler.set_epoch(pos.epoch, skip=pos.epoch_step * batch_size)
-            timing.update(epoch_start=time.monotonic(), epoch_loss=0.0, epoch_steps=0)
-            interrupted = _train_one_epoch(
-                net, ema, optimizer, schedule, train_loader, device, autocast_dtype, pos, cfg,
-                iterations_per_epoch, total_epochs, reporter, stop, timing, dist,
-            )  # fmt: skip
-            if interrupted:
-                rngs = dist.gather_to_all(rng_state())  # a collective: every rank takes part
+        while pos.validation_pending or pos.epoch < total_epochs:
+            if not pos.validation_pending:
+                train_sampler.set_epoch(pos.epoch, skip=pos.epoch_step * batch_size)
+                timing.update(epoch_start=time.monotonic(), epoch_loss=0.0, epoch_steps=0)
+                interrupted = _train_one_epoch(
+                    net, ema, optimizer, schedule, train_loader, device, autocast_dtype, pos,
+                    cfg, iterations_per_epoch, total_epochs, reporter, stop, timing, dist,
+                )  # fmt: skip
+                if interrupted:
+                    rngs = dist.gather_to_all(rng_state())  # a collective: every rank joins
+                    if dist.is_main:
+                        save_checkpoint(checkpoint_state(rngs), last_path)
+                    return _stopped(pos, best, output, started, interrupted, reporter)
+                pos.epoch, pos.epoch_step = pos.epoch + 1, 0
+                pos.validation_pending = True
+                if reporter and timing["epoch_steps"]:  # none: resumed at the epoch's end
+                    reporter.report(
+                        {
+                            "event": "epoch",
+                            "time": time.time(),
+                            "epoch": pos.epoch,
+                            "total_epochs": total_epochs,
+                            "iteration": pos.iteration,
+                            "loss": timing["epoch_loss"] / timing["epoch_steps"],
+                            "learning_rate": schedule.learning_rate,
+                            "seconds": time.monotonic() - timing["epoch_start"],
+                        }
+                    )
+                # the epoch's training is safe before validation starts: a stop signal during
+                # validation ends the run at once, and a crash there (out of memory on many
+                # detections, a kill after the grace period) loses only the validation
+                rngs = dist.gather_to_all(rng_state())
                 if dist.is_main:
                     save_checkpoint(checkpoint_state(rngs), last_path)
-                final = _final_event(pos, best, output, started, status=interrupted)
-                if reporter:
-                    reporter.report(final)
-                return final
-            pos.epoch, pos.epoch_step = pos.epoch + 1, 0
-            if reporter:
-                reporter.report(
-                    {
-                        "event": "epoch",
-                        "time": time.time(),
-                        "epoch": pos.epoch,
-                        "total_epochs": total_epochs,
-                        "iteration": pos.iteration,
-                        "loss": timing["epoch_loss"] / max(timing["epoch_steps"], 1),
-                        "learning_rate": schedule.learning_rate,
-                        "seconds": time.monotonic() - timing["epoch_start"],
-                    }
-                )
 
             t0 = time.monotonic()
             results = coco_results(
-                ema.module, val_loader, device, val_set.category_ids, dist, autocast_dtype
-            )
+                ema.module, val_loader, device, val_set.category_ids, dist, autocast_dtype,
+                # one process stops between batches; DDP ranks finish together (they gather)
+                should_stop=None if dist.enabled else lambda: stop.signum is not None,
+            )  # fmt: skip
+            if results is None:
+                return _stopped(pos, best, output, started, "interrupted", reporter)
             metrics = dist.broadcast(score(ground_truth, results) if dist.is_main else None)
             timing["val_seconds"] = time.monotonic() - t0
             segm_map = metrics["segm"]["map"]
@@ -408,6 +420,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
                     "f_measure": metrics["f_measure"]["best"]["f_measure"],
                     "f_measure_threshold": metrics["f_measure"]["best"]["threshold"],
                 }
+            pos.validation_pending = False
             stopping = early.should_stop(pos.epoch)
             if stopping or pos.epoch >= total_epochs:
                 pos.finished = "early_stopped" if stopping else "completed"
@@ -446,6 +459,16 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
     if reporter:
         reporter.report(final)
         _plot(output)
+    return final
+
+
+def _stopped(
+    pos: _Position, best: dict | None, output: Path, started: float, status: str, reporter
+) -> dict:
+    """The final event of a run stopped before its end (its checkpoint is already saved)."""
+    final = _final_event(pos, best, output, started, status=status)
+    if reporter:
+        reporter.report(final)
     return final
 
 
