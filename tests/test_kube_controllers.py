@@ -336,6 +336,40 @@ def test_suspend_terminates_gracefully_and_resume_completes(cluster):
     assert "resumed" in core.read_namespaced_pod_log(second.metadata.name, NS)
 
 
+@pytest.mark.parametrize("policy", ["Failed", "TerminatingOrFailed"])
+def test_pod_replacement_policy_decides_whether_a_resumed_pod_waits(cluster, policy):
+    """Suspended, then resumed while the old pod still saves its checkpoint: with `Failed`
+    the new pod starts after the old one ended (and finds the checkpoint); with the default
+    `TerminatingOrFailed` it starts beside the dying one."""
+    emulator, core, batch = cluster
+    name, claim = unique("repl"), unique("out")
+    create_pvc(core, claim)
+    code = (
+        "import signal, sys, time, pathlib\n"
+        "out = pathlib.Path(sys.argv[1])\n"
+        "if (out / 'checkpoint').exists():\n"
+        "    print('resumed'); sys.exit(0)\n"
+        "if (out / 'started').exists():\n"
+        "    print('overlap'); sys.exit(0)\n"
+        "def stop(*_):\n"
+        "    time.sleep(2); (out / 'checkpoint').write_text('saved'); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "(out / 'started').write_text('yes')\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    job = make_job(name, [PY, "-c", code, "/output"], claim=claim, podReplacementPolicy=policy)
+    batch.create_namespaced_job(NS, job)
+    out = emulator.volume_dir(NS, claim) / "run"
+    wait_for(lambda: (out / "started").exists())
+    batch.patch_namespaced_job(name, NS, {"spec": {"suspend": True}})
+    wait_for(lambda: job_condition(batch, name, "Suspended"))
+    batch.patch_namespaced_job(name, NS, {"spec": {"suspend": False}})  # at once
+    wait_for(lambda: job_condition(batch, name, "Complete"), timeout=30)
+    (second,) = [p for p in job_pods(core, name) if p.status.phase == "Succeeded"]
+    expected = "resumed" if policy == "Failed" else "overlap"
+    assert expected in core.read_namespaced_pod_log(second.metadata.name, NS)
+
+
 def test_indexed_job(cluster):
     emulator, core, batch = cluster
     name, claim = unique("idx"), unique("out")

@@ -47,6 +47,7 @@ def test_single_gpu_job() -> None:
     }  # fmt: skip
     assert "completionMode" not in job["spec"] and job["spec"]["completions"] == 1
     assert job["spec"]["backoffLimit"] == 3 and job["spec"]["suspend"] is False
+    assert job["spec"]["podReplacementPolicy"] == "Failed"  # never two trainers at once
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     assert pod["serviceAccountName"] == "shapes-r50-trainer"

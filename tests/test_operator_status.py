@@ -10,9 +10,9 @@ NOW, LATER = "2026-11-29T10:00:00Z", "2026-11-29T10:05:00Z"
 
 
 def job(suspend=False, active=0, failed=0, conditions=(), start=None, completion=None,
-        succeeded=0) -> dict:  # fmt: skip
+        succeeded=0, terminating=0) -> dict:  # fmt: skip
     status = {"active": active, "failed": failed, "succeeded": succeeded,
-              "conditions": list(conditions)}  # fmt: skip
+              "terminating": terminating, "conditions": list(conditions)}  # fmt: skip
     if start:
         status["startTime"] = start
     if completion:
@@ -88,6 +88,14 @@ def test_phase_and_reason(case, the_job, pods, phase, reason) -> None:
     got_phase, got_reason, message = derive_phase(the_job, pods)
     assert (got_phase, got_reason) == (phase, reason), case
     assert message
+
+
+def test_messages_say_when_the_old_trainer_still_saves_its_checkpoint() -> None:
+    dying = pod("Running", deleting=True)
+    _, _, suspending = derive_phase(job(suspend=True, terminating=1), [dying])
+    assert suspending == "the Job is suspended; the trainer saves a checkpoint"
+    phase, _, waiting = derive_phase(job(terminating=1), [dying])
+    assert (phase, waiting) == ("Pending", "waiting for the previous trainer pod to save and exit")
 
 
 def test_a_job_suspended_by_a_queue_is_queued_not_suspended() -> None:

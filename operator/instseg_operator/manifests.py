@@ -233,6 +233,11 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         "completions": workers,
         "backoffLimit": int(spec.get("backoffLimit", 3)),
         "suspend": bool(spec.get("suspend", False)),
+        # a replacement pod (resume after suspend, retry after eviction) starts only once the
+        # old trainer has exited: two trainers never share the output directory, and the new
+        # one resumes from the checkpoint the old one saved on SIGTERM (Kubernetes >= 1.29;
+        # older API servers drop the field and replace terminating pods at once)
+        "podReplacementPolicy": "Failed",
         "template": {
             "metadata": {"labels": labels(owner), "annotations": {TRAINING_ANNOTATION: owner}},
             "spec": pod_spec,

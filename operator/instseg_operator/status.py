@@ -97,6 +97,8 @@ def derive_phase(
         if queue or user_suspend is False:
             where = f"queue {queue}" if queue else "its queue"
             return PENDING, "Queued", f"waiting for admission in {where} (the Job is suspended)"
+        if status.get("terminating"):
+            return SUSPENDED, "Suspended", "the Job is suspended; the trainer saves a checkpoint"
         return SUSPENDED, "Suspended", "the Job is suspended; set spec.suspend false to resume"
     # a pod being deleted (the Job suspended or replaced, the node drained) is on its way out:
     # it neither runs the training nor counts as a failed attempt
@@ -117,6 +119,9 @@ def derive_phase(
     failures = max(status.get("failed") or 0, phases.count("Failed"))
     if failures:
         return PENDING, "Restarting", f"{failures} failed attempt(s); retrying"
+    if status.get("terminating"):
+        # podReplacementPolicy Failed: the new pod waits for the old trainer to exit
+        return PENDING, "Starting", "waiting for the previous trainer pod to save and exit"
     return PENDING, "Starting", "waiting for the trainer pod to start"
 
 

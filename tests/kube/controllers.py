@@ -14,6 +14,8 @@ conditions `SuccessCriteriaMet`/`Complete`, `FailureTarget`/`Failed`
 as Kubernetes 1.31+ does. `spec.suspend` deletes the active pods (gracefully) and clears
 `startTime`; resuming sets a new one. Pods the controller deletes itself (suspend, success,
 failure) are not counted as failed; a pod deleted by someone else is, as in Kubernetes.
+`podReplacementPolicy: Failed` (the default when a podFailurePolicy is set) creates no
+replacement while a deleted pod still terminates; `TerminatingOrFailed` replaces at once.
 `ttlSecondsAfterFinished` deletes the finished Job (propagation Background; the server
 collects its pods).
 
@@ -55,7 +57,8 @@ its own process group (so torchrun's workers get signals too):
   Failed); exit 0 → `Completed`/Succeeded, otherwise `Error`/Failed; a SIGKILL that the
   kubelet did not send is reported as `OOMKilled` (137).
 - a pod with `deletionTimestamp`: SIGTERM to its process group, up to the grace period
-  (capped at 10 s), SIGKILL, final status written, then `DELETE` with grace period 0.
+  (capped at 30 s, Kubernetes' default), SIGKILL, final status written, then `DELETE` with
+  grace period 0.
   Only `restartPolicy: Never` semantics are emulated (OnFailure/Always end like Never).
 """
 
@@ -87,7 +90,7 @@ INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 JOB_NAME_KEY = "batch.kubernetes.io/job-name"
 CONTROLLER_UID_KEY = "batch.kubernetes.io/controller-uid"
 MAX_BACKOFF = 10.0
-MAX_GRACE = 10.0
+MAX_GRACE = 30.0  # Kubernetes' default terminationGracePeriodSeconds; shorter ones hold
 SHUTDOWN_GRACE = 5.0
 RESYNC = 0.25
 SCHEDULE_RETRY = 1.0
@@ -1463,7 +1466,12 @@ class Controllers:
             if failed:
                 delay = min(self.backoff * 2 ** (failed - 1), MAX_BACKOFF)
                 wait = record.last_failure + delay - time.monotonic() if record.last_failure else 0
-            if wait <= 0:
+            # podReplacementPolicy Failed (the default with a podFailurePolicy): no
+            # replacement while a deleted pod still terminates
+            policy = spec.get("podReplacementPolicy") or (
+                "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed"
+            )
+            if wait <= 0 and not (policy == "Failed" and terminating):
                 n_active += await self.manage_pods(
                     job, record, active, indexed, parallelism, completions, succeeded
                 )
