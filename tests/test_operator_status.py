@@ -51,6 +51,8 @@ CASES = [
     ("training", job(active=1, start=NOW), [pod("Running")], "Running", "Training"),
     ("retrying after a failure", job(active=1, failed=1), [pod()], "Pending", "Restarting"),
     ("suspended", job(suspend=True), [], "Suspended", "Suspended"),
+    ("suspended, pod deleted, Job controller not synced yet", job(suspend=True, active=1),
+     [pod("Running", deleting=True)], "Suspended", "Suspended"),
     ("suspending, pod still up", job(suspend=True, active=1), [pod("Running")], "Running",
      "Training"),
     ("done", job(conditions=[cond("Complete")], completion=LATER), [pod("Succeeded")],

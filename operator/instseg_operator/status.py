@@ -89,7 +89,14 @@ def derive_phase(
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         return SUCCEEDED, "Completed", "training finished"
     spec, status = job.get("spec") or {}, job.get("status") or {}
-    if spec.get("suspend") and not status.get("active"):
+    # a pod being deleted (the Job suspended or replaced, the node drained) is on its way out:
+    # it neither runs the training nor counts as a failed attempt
+    dying = [p for p in pods if (p.get("metadata") or {}).get("deletionTimestamp")]
+    pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    phases = [(p.get("status") or {}).get("phase") for p in pods]
+    live = "Pending" in phases or "Running" in phases
+    # suspended once no pod is left to stop (the Job's `active` count lags the pods' deletion)
+    if spec.get("suspend") and not (status.get("active") and live):
         # a queued Job (Kueue: created suspended with a queue label, unsuspended on admission)
         # waits for its queue; one suspended although the user did not ask waits for some
         # other controller
@@ -97,12 +104,9 @@ def derive_phase(
         if queue or user_suspend is False:
             where = f"queue {queue}" if queue else "its queue"
             return PENDING, "Queued", f"waiting for admission in {where} (the Job is suspended)"
-        if status.get("terminating"):
+        if status.get("terminating") or dying:
             return SUSPENDED, "Suspended", "the Job is suspended; the trainer saves a checkpoint"
         return SUSPENDED, "Suspended", "the Job is suspended; set spec.suspend false to resume"
-    # a pod being deleted (the Job suspended or replaced, the node drained) is on its way out:
-    # it neither runs the training nor counts as a failed attempt
-    pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     problem = _waiting_problem(pods)
     if problem:
         return PENDING, problem[0], problem[1]
@@ -111,7 +115,6 @@ def derive_phase(
         return RUNNING, "Training", f"{len(running)} trainer pod(s) running"
     # the pods' own phases lead the Job's counters: between a pod's exit and the Job
     # controller's next sync the Job still counts it active, so decide from the pods too
-    phases = [(p.get("status") or {}).get("phase") for p in pods]
     waiting = "Pending" in phases
     if (status.get("succeeded") or "Succeeded" in phases) and not waiting:
         # the trainer exited 0 and the Job controller has not written Complete yet
@@ -119,7 +122,7 @@ def derive_phase(
     failures = max(status.get("failed") or 0, phases.count("Failed"))
     if failures:
         return PENDING, "Restarting", f"{failures} failed attempt(s); retrying"
-    if status.get("terminating"):
+    if status.get("terminating") or dying:
         # podReplacementPolicy Failed: the new pod waits for the old trainer to exit
         return PENDING, "Starting", "waiting for the previous trainer pod to save and exit"
     return PENDING, "Starting", "waiting for the trainer pod to start"
