@@ -424,7 +424,10 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
             stopping = early.should_stop(pos.epoch)
             if stopping or pos.epoch >= total_epochs:
                 pos.finished = "early_stopped" if stopping else "completed"
-            rngs = dist.gather_to_all(rng_state())
+            # last.pt was saved before validation; what validation changed (early stopping,
+            # plateau schedule, best) goes into the next one. A run killed before then
+            # validates this epoch again on resume. Only the end is saved here.
+            rngs = dist.gather_to_all(rng_state()) if pos.finished else None
             if dist.is_main:
                 if improved:
                     save_checkpoint(
@@ -436,7 +439,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> dict:
                         },
                         output / BEST,
                     )
-                save_checkpoint(checkpoint_state(rngs), last_path)
+                if pos.finished:
+                    save_checkpoint(checkpoint_state(rngs), last_path)
                 reporter.report(
                     {
                         "event": "validation",
