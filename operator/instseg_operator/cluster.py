@@ -20,7 +20,6 @@ KINDS = {
     "Service": ("/api/v1", "services"),
     "Pod": ("/api/v1", "pods"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
-    "Event": ("/api/v1", "events"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("/apis/batch/v1", "jobs"),
@@ -129,12 +128,13 @@ class Cluster:
             content_type="application/merge-patch+json",
         )  # fmt: skip
 
-    def delete(self, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Deletes with background propagation (the garbage collector removes the children)."""
         try:
             self._call(
                 "DELETE", self._path(kind, namespace, name),
                 body={"kind": "DeleteOptions", "apiVersion": "v1",
-                      "propagationPolicy": propagation},
+                      "propagationPolicy": "Background"},
             )  # fmt: skip
         except ApiError as e:
             if e.status != 404:

@@ -27,7 +27,6 @@ from .metrics import TrainingMetrics
 from .validation import claims, spec_problems
 
 TRAINING = (mf.GROUP, mf.VERSION, mf.PLURAL)
-MANAGED = {"app.kubernetes.io/managed-by": "instseg-operator"}
 # how long to wait before looking again for a missing volume
 VOLUME_RETRY_SECONDS = 15
 # how often every unfinished training's status is derived again, events or not
@@ -80,7 +79,7 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> N
     settings.posting.loggers = False
     # watch only our own Jobs and Pods, filtered by the API server (not every pod of the
     # cluster, filtered here)
-    selector = ",".join(f"{key}={value}" for key, value in MANAGED.items())
+    selector = ",".join(f"{key}={value}" for key, value in mf.MANAGED_BY.items())
     settings.watching.label_selectors["batch", "jobs"] = selector
     settings.watching.label_selectors["", "pods"] = selector
     settings.execution.max_workers = int(os.environ.get("INSTSEG_MAX_WORKERS", "16"))
@@ -216,14 +215,14 @@ def ensure(training: dict, logger: logging.Logger, retry: int = 0) -> None:
             if missing:
                 _set_status(training, st.PENDING, "VolumeNotFound", missing, "Warning")
                 raise kopf.TemporaryError(missing, delay=VOLUME_RETRY_SECONDS)
-        wanted = mf.build_children(training, default_image())
         if job is None:
-            for manifest in wanted[:-1]:
+            *children, wanted = mf.build_children(training, default_image())
+            for manifest in children:
                 _ensure_child(manifest, training, logger)
-            job, created = _ensure_child(wanted[-1], training, logger)
+            job, created = _ensure_child(wanted, training, logger)
         else:
             created = False
-            _update_job(job, wanted[-1], training, retry)
+            _update_job(job, mf.build_training_job(training, default_image()), training, retry)
     if created:
         workers = int(spec.get("workers", 1))
         gpus = int((spec.get("resources") or {}).get("gpus", 1))
@@ -245,8 +244,6 @@ def _update_job(job: dict, wanted: dict, training: dict, retry: int) -> None:
     meta = job["metadata"]
     suspend = wanted["spec"]["suspend"]
     applied = (meta.get("annotations") or {}).get(mf.SUSPEND_ANNOTATION)
-    if applied is None:  # a Job from before the annotation: compare with the Job itself
-        applied = str(bool(job["spec"].get("suspend"))).lower()
     if applied != str(suspend).lower():
         patch = {
             "metadata": {"annotations": {mf.SUSPEND_ANNOTATION: str(suspend).lower()}},
@@ -278,16 +275,18 @@ def _update_job(job: dict, wanted: dict, training: dict, retry: int) -> None:
     raise kopf.TemporaryError("waiting for the old Job to be deleted", delay=1)
 
 
-def refresh(namespace: str, name: str, logger: logging.Logger) -> None:
+def refresh(namespace: str, name: str, logger: logging.Logger) -> bool:
     """Derives the training's status from its Job and Pods (read now, inside the lock: a
-    watch event's copy may be older than what the last refresh saw) and writes changes."""
+    watch event's copy may be older than what the last refresh saw) and writes changes.
+    False when the training's Job does not exist."""
     with _training_lock(namespace, name):
         training = cluster().get(mf.KIND, namespace, name)
         if training is None or training["metadata"].get("deletionTimestamp"):
-            return
+            return True
         job = cluster().get("Job", namespace, mf.job_name(name))
         if job is None or not _owned_by(job, training):
-            return  # before the Job (ensure writes that status) or after its TTL deletion
+            # before the Job (ensure writes that status) or after its TTL deletion
+            return job is not None
         pods = cluster().list(
             "Pod", namespace, {"batch.kubernetes.io/controller-uid": job["metadata"]["uid"]}
         )
@@ -296,11 +295,11 @@ def refresh(namespace: str, name: str, logger: logging.Logger) -> None:
         user_suspend = bool(training["spec"].get("suspend", False))
         new = st.training_status(job, pods, previous, generation, _now(), user_suspend)
         if {k: previous.get(k) for k in new} == new:
-            return
+            return True
         cluster().patch_training_status(namespace, name, new)
         phase, before = new["phase"], previous.get("phase")
         if phase == before:
-            return
+            return True
         METRICS.count_transition(training["spec"].get("template", ""), phase)
         logger.info("%s/%s: %s → %s (%s)", namespace, name, before, phase, new["message"])
         # the Scheduled condition always carries the reason of the derived phase
@@ -309,6 +308,7 @@ def refresh(namespace: str, name: str, logger: logging.Logger) -> None:
             training, type="Warning" if phase == st.FAILED else "Normal",
             reason=reason, message=f"{phase}: {new['message']}",
         )  # fmt: skip
+    return True
 
 
 @kopf.on.create(*TRAINING)
@@ -336,11 +336,9 @@ def resync(body: kopf.Body, logger: logging.Logger, **_) -> None:
     with METRICS.reconcile_seconds.time():
         if _finished(training) or (training.get("status") or {}).get("phase") == st.FAILED:
             return
-        if cluster().get("Job", meta["namespace"], mf.job_name(meta["name"])) is None:
-            if (training.get("status") or {}).get("jobName"):
-                ensure(training, logger)  # the Job went away before the training finished
-            return
-        refresh(meta["namespace"], meta["name"], logger)
+        job_exists = refresh(meta["namespace"], meta["name"], logger)
+        if not job_exists and (training.get("status") or {}).get("jobName"):
+            ensure(training, logger)  # the Job went away before the training finished
 
 
 @kopf.on.event(*TRAINING)
@@ -360,8 +358,8 @@ def _training_of(body: kopf.Body) -> str | None:
     return annotations.get(mf.TRAINING_ANNOTATION)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-@kopf.on.event("", "v1", "pods", labels=MANAGED)
+@kopf.on.event("batch", "v1", "jobs", labels=mf.MANAGED_BY)
+@kopf.on.event("", "v1", "pods", labels=mf.MANAGED_BY)
 def on_child_event(body: kopf.Body, logger: logging.Logger, **_) -> None:
     """A Job or Pod of a training changed: derive the training's status again."""
     name = _training_of(body)

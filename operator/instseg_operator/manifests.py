@@ -46,7 +46,10 @@ SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
 # overridden by the next reconcile
 SUSPEND_ANNOTATION = f"{GROUP}/suspend-requested"
 # labels copied from the training onto its Job, for Kueue to queue and prioritise it
-PASSED_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PASSED_LABELS = (QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
+# on every child: the operator watches only its own Jobs and Pods
+MANAGED_BY = {"app.kubernetes.io/managed-by": "instseg-operator"}
 
 # env names the trainer reads to find (and patch) its own resource
 ENV_NAME = "INSTSEG_RESOURCE_NAME"
@@ -88,7 +91,7 @@ def labels(owner: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "instseg",
         "app.kubernetes.io/component": "trainer",
-        "app.kubernetes.io/managed-by": "instseg-operator",
+        **MANAGED_BY,
         f"{GROUP}/training": label_value(owner),
     }
 

@@ -6,6 +6,8 @@ operator derives the same status.
 
 from __future__ import annotations
 
+from .manifests import QUEUE_LABEL
+
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
     "Pending",
     "Running",
@@ -13,7 +15,6 @@ PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
     "Failed",
     "Suspended",
 )
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONDITION_TYPES = ("Scheduled", "Running", "Succeeded", "Failed", "Suspended")
 # container waiting reasons that mean the pod will not start without the user's help
 STUCK_REASONS = {
