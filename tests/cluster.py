@@ -37,14 +37,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float, every: float = 0.2):
-    """Polls `check` until it returns something truthy; fails naming `what` on timeout."""
+def wait_for(
+    what: str,
+    check: Callable[[], object],
+    timeout: float,
+    every: float = 0.2,
+    ignore: tuple[type[BaseException], ...] = (),
+):
+    """Polls `check` until it returns something truthy; fails naming `what` on timeout.
+    Exceptions of the `ignore` types count as "not yet" (the last one is reported)."""
     deadline = time.monotonic() + timeout
-    last = None
+    last: object = None
     while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
+        try:
+            last = check()
+        except ignore as e:
+            last = e
+        else:
+            if last:
+                return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import pvc
+from tests.cluster import wait_for as wait_until
 from tests.kube.controllers import (
     INDEX_KEY,
     SHUTDOWN_GRACE,
@@ -145,34 +147,14 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-def wait_for(check, timeout: float = 15.0, interval: float = 0.05):
-    """Poll `check` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except kubernetes.client.ApiException as e:
-            last_error = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {check} (last error: {last_error})")
+def wait_for(check, timeout: float = 15.0):
+    """Poll `check` until it returns something truthy (an ApiException means not yet)."""
+    ignore = (kubernetes.client.ApiException,)
+    return wait_until(repr(check), check, timeout, every=0.05, ignore=ignore)
 
 
 def create_pvc(core, name: str) -> None:
-    core.create_namespaced_persistent_volume_claim(
-        NS,
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": name},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
+    core.create_namespaced_persistent_volume_claim(NS, pvc(name, NS))
 
 
 def pod_spec(command, *, claim=None, env=(), image="python:3.11", **extra) -> dict:

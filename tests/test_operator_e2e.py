@@ -64,9 +64,6 @@ class Cluster:
     def get(self, namespace: str, name: str) -> dict:
         return self.kubectl.json("ist", name, "-n", namespace)
 
-    def phase(self, namespace: str, name: str) -> str | None:
-        return (self.get(namespace, name).get("status") or {}).get("phase")
-
     def progress(self, namespace: str, name: str) -> dict:
         return (self.get(namespace, name).get("status") or {}).get("progress") or {}
 
@@ -107,9 +104,6 @@ class Cluster:
 
     def log_text(self) -> str:
         return "".join(p.read_text() for p in sorted(self.root.glob("*.log")))
-
-    def log_tail(self) -> str:
-        return (self.root / "operator.log").read_text()[-4000:]
 
     def close(self) -> None:
         self.operator.stop()

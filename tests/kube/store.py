@@ -24,6 +24,7 @@ from .resources import (
     event_from_events_v1,
     event_to_events_v1,
 )
+from .schema import apply_schema
 
 StoreKey = tuple[str, str]
 ObjKey = tuple[str, str]
@@ -108,10 +109,6 @@ def _content(obj: dict) -> dict:
 
 def _validate_schema(resource: Resource, obj: dict, old: dict | None) -> tuple[dict, list[str]]:
     if resource.schema is None:
-        return obj, []
-    try:
-        from .schema import apply_schema
-    except ImportError:
         return obj, []
     return apply_schema(resource.schema, obj, old)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from .resources import Resource
+from .schema import column_value
 
 
 def parse_time(text: str | None) -> dt.datetime | None:
@@ -60,17 +61,6 @@ def _name_column() -> dict:
     column = _column("Name", fmt="name")
     column["description"] = "Name must be unique within a namespace."
     return column
-
-
-def _column_value(obj: dict, json_path: str) -> object:
-    try:
-        from .schema import column_value
-    except ImportError:
-        value: object = obj
-        for part in json_path.strip(".").split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return value
-    return column_value(obj, json_path)
 
 
 def _pod_cells(pod: dict) -> list:
@@ -148,7 +138,7 @@ def _columns_and_cells(resource: Resource):
         def cells(obj: dict) -> list:
             row = []
             for path, kind in paths:
-                value = _column_value(obj, path)
+                value = column_value(obj, path)
                 if kind == "date" and value is not None:
                     value = age(str(value))
                 row.append(value)
