@@ -30,14 +30,13 @@ from train_throughput import (
     SEED,
     bare_loop_img_s,
     sample_dataset,
-    train_sampler,
     training_batches,
 )
 
 from instseg_trainer.data.coco import load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
 from instseg_trainer.engine.distributed import configure_device, resolve_device
-from instseg_trainer.engine.trainer import TrainConfig, data_loader
+from instseg_trainer.engine.trainer import TrainConfig, data_loader, train_sampler_for
 from instseg_trainer.models.mask_rcnn import build_model
 from instseg_trainer.sample_data import CLASS_NAMES
 from instseg_trainer.templates import Template, get_template
@@ -49,7 +48,7 @@ def pipeline_img_s(
     """images/s of the trainer's training DataLoader over `batches` batches after the first."""
     hyper = template.hyperparameters
     records = load_coco_subset(data, "train").records
-    sampler = train_sampler(records, template)
+    sampler = train_sampler_for(records, hyper, SEED)
     cfg = TrainConfig(
         template, train_root=data, val_root=data, output=data, num_workers=workers, seed=SEED
     )

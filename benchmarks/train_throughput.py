@@ -35,7 +35,6 @@ torchvision_img_s, ratio, peak memory, MFU and the per-round figures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import resource
@@ -52,22 +51,24 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from instseg_trainer.data.coco import ImageRecord, load_coco_subset
+from instseg_trainer.data.coco import load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
-from instseg_trainer.data.sampler import EpochSampler
-from instseg_trainer.engine.distributed import resolve_device
+from instseg_trainer.engine.distributed import configure_device, resolve_device
 from instseg_trainer.engine.trainer import TrainConfig, train, train_sampler_for
 from instseg_trainer.models.backbones import build_backbone
 from instseg_trainer.models.complexity import measure_complexity
-from instseg_trainer.models.mask_rcnn import FEATURE_LEVELS, IMAGENET_MEAN, IMAGENET_STD
+from instseg_trainer.models.mask_rcnn import (
+    FEATURE_LEVELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    to_model_input,
+)
 from instseg_trainer.reporting.reporters import MemoryReporter
 from instseg_trainer.sample_data import CLASS_NAMES, write_sample_dataset
 from instseg_trainer.templates import Template, get_template
 
 PEAK_FLOPS = 790e12  # H200 dense bf16, as measured on the lent machines
-DEFAULT_WORKERS = next(
-    f.default for f in dataclasses.fields(TrainConfig) if f.name == "num_workers"
-)
+DEFAULT_WORKERS = TrainConfig.num_workers
 SEED = 0
 
 
@@ -99,11 +100,6 @@ def sample_dataset(root: Path | None, images: int, input_size: int, scratch: Pat
     return root
 
 
-def train_sampler(records: list[ImageRecord], template: Template) -> EpochSampler:
-    """The sampler the trainer builds for a single process."""
-    return train_sampler_for(records, template.hyperparameters, SEED)
-
-
 def training_batches(
     root: Path, template: Template, count: int, device: torch.device
 ) -> list[tuple[list[torch.Tensor], list[dict]]]:
@@ -111,11 +107,11 @@ def training_batches(
     records = load_coco_subset(root, "train").records
     dataset = InstanceSegDataset(records, template.input_size)
     batch = template.hyperparameters["batch_size"]
-    keys = list(train_sampler(records, template))[: count * batch]
+    keys = list(train_sampler_for(records, template.hyperparameters, SEED))[: count * batch]
     batches = []
     for b in range(count):
         items = [dataset[key] for key in keys[b * batch : (b + 1) * batch]]
-        images = [im.to(device).float().div_(255) for im, _, _ in items]
+        images = to_model_input([im for im, _, _ in items], device)
         targets = [{k: v.to(device) for k, v in t.items()} for _, t, _ in items]
         batches.append((images, targets))
     return batches
@@ -287,8 +283,9 @@ def main() -> None:
         parser.error("--warmup, --steps and --rounds must be >= 1")
 
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # the trainer does this on CPU; so must the reference
+    # the trainer's CPU setting (flush denormals) for both loops; the CUDA tuning switches
+    # only as --keep-tuning says
+    configure_device(device, tune=False)
     template = get_template(args.template).with_overrides(
         input_size=args.input_size, batch_size=args.batch_size
     )
