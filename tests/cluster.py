@@ -1,7 +1,8 @@
-"""A test cluster: the API emulator (tests/kube) with its Job controller and local kubelet,
-our CRDs, the operator as a real `instseg-operator` process, and kubectl — as a user has.
+"""A test cluster as a user has one: the real control plane with the local kubelet
+(tests/kube), the chart's CRDs and RBAC applied from `helm template`, the operator as a real
+`instseg-operator` process with the chart's ServiceAccount token, and kubectl.
 
-Used by the operator's end-to-end tests and by benchmarks/operator_latency.py.
+Used by the operator's end-to-end tests and by the operator benchmarks.
 """
 
 from __future__ import annotations
@@ -16,19 +17,18 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from tests.kube.emulator import Emulator
+from tests.kube.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = [ROOT / "crds" / "instancesegtrainings.yaml", ROOT / "crds" / "kopf-peering.yaml"]
-PEERING = {
-    "apiVersion": "kopf.dev/v1",
-    "kind": "ClusterKopfPeering",
-    "metadata": {"name": "instseg"},
-}
+OPERATOR_NAMESPACE = "instseg-system"
+# what the operator needs from the chart; its Deployment is replaced by a local process
+CHART_KINDS = {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+               "Role", "RoleBinding", "ClusterKopfPeering", "KopfPeering"}  # fmt: skip
 
 
 def free_port() -> int:
@@ -60,18 +60,25 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
+def tool(name: str) -> str | None:
+    """kubectl or helm: $KUBECTL/$HELM, then PATH, then what `make tools` fetched."""
+    local = ROOT / ".tools" / "bin" / name
+    found = os.environ.get(name.upper()) or shutil.which(name)
+    return found or (str(local) if local.is_file() else None)
+
+
 def kubectl_binary() -> str | None:
-    return os.environ.get("KUBECTL") or shutil.which("kubectl")
+    return tool("kubectl")
 
 
 class Kubectl:
-    """kubectl against the emulator, with its own cache directory."""
+    """kubectl with its own kubeconfig and cache directory."""
 
     def __init__(self, kubeconfig: Path, cache: Path) -> None:
         binary = kubectl_binary()
         if binary is None:
             raise RuntimeError("kubectl not found: run `make tools` (or set KUBECTL)")
-        self.binary, self.kubeconfig = binary, kubeconfig
+        self.binary, self.kubeconfig, self.cache = binary, kubeconfig, cache
         self.env = {**os.environ, "KUBECACHEDIR": str(cache), "KUBECONFIG": str(kubeconfig)}
 
     def __call__(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
@@ -85,7 +92,7 @@ class Kubectl:
 
     def apply(self, *objects: dict) -> str:
         text = yaml.safe_dump_all(list(objects))
-        return self("apply", "--validate=false", "-f", "-", stdin=text)
+        return self("apply", "-f", "-", stdin=text)
 
     def json(self, *args: str) -> dict:
         return json.loads(self("get", *args, "-o", "json"))
@@ -141,20 +148,72 @@ class OperatorProcess:
                 self.process.wait()
 
 
-def start_cluster(root: Path, **emulator_options) -> tuple[Emulator, Kubectl]:
-    """The emulator with our CRDs and the peering object installed."""
-    emulator = Emulator(root / "cluster", **emulator_options)
-    emulator.start()
-    kubectl = Kubectl(emulator.kubeconfig, root / "kubectl-cache")
-    for crd in CRDS:
-        kubectl("apply", "--validate=false", "-f", str(crd))
-    wait_for(
-        "the InstanceSegTraining API",
-        lambda: "instancesegtrainings" in kubectl("api-resources", check=False),
-        timeout=30,
-    )
-    kubectl.apply(PEERING)
-    return emulator, kubectl
+def render_chart(*values: str) -> list[dict]:
+    """`helm template` of charts/instseg into the operator's namespace, CRDs included."""
+    helm = tool("helm")
+    if helm is None:
+        raise RuntimeError("helm not found: run `make tools` (or set HELM)")
+    command = [helm, "template", "instseg", str(ROOT / "charts" / "instseg"),
+               "--namespace", OPERATOR_NAMESPACE, "--include-crds", *values]  # fmt: skip
+    rendered = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+def install_chart(cluster: LocalCluster, kubectl: Kubectl, *values: str) -> Path:
+    """Applies what the chart renders for the operator (CRDs, ServiceAccount, RBAC, peering)
+    and returns a kubeconfig with a token of the chart's ServiceAccount: the operator then
+    runs with exactly the chart's permissions."""
+    kubectl.apply({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": OPERATOR_NAMESPACE}})  # fmt: skip
+    objects = [o for o in render_chart(*values) if o["kind"] in CHART_KINDS]
+    crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+    kubectl.apply(*crds)
+    for crd in crds:
+        kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}")
+    kubectl.apply(*[o for o in objects if o["kind"] != "CustomResourceDefinition"])
+    (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+    name = account["metadata"]["name"]
+    token = kubectl("create", "token", name, "-n", OPERATOR_NAMESPACE, "--duration=24h").strip()
+    return write_token_kubeconfig(cluster, kubectl.cache.parent / "operator.kubeconfig", token)
+
+
+def write_token_kubeconfig(cluster: LocalCluster, path: Path, token: str) -> Path:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {
+            "server": cluster.server,
+            "certificate-authority": str(cluster.control_plane.ca.cert)}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": "operator"}}],
+        "current-context": "local",
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class KubeEnvironment:
+    """The local cluster with the chart installed, an admin kubectl, and the kubeconfig the
+    operator runs with (the chart's ServiceAccount)."""
+
+    root: Path
+    cluster: LocalCluster
+    kubectl: Kubectl
+    operator_kubeconfig: Path
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+def start_cluster(root: Path, controllers: str = "*") -> KubeEnvironment:
+    cluster = LocalCluster(root / "cluster", controllers=controllers).start()
+    try:
+        kubectl = Kubectl(cluster.kubeconfig, root / "kubectl-cache")
+        return KubeEnvironment(root, cluster, kubectl, install_chart(cluster, kubectl))
+    except BaseException:
+        cluster.stop()
+        raise
 
 
 def pvc(name: str, namespace: str = "default") -> dict:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small sample dataset written once per test session."""
+"""Shared fixtures: a small sample dataset, and the local Kubernetes cluster (real control
+plane, local kubelet, the chart's CRDs and RBAC), each made once per test session."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from instseg_trainer.sample_data import write_sample_dataset
+from tests.cluster import KubeEnvironment, start_cluster
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +26,13 @@ def dataset_copy(sample_root: Path, tmp_path: Path) -> Path:
     target = tmp_path / "data"
     shutil.copytree(sample_root, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory):
+    """One local cluster for the session's tests; each test keeps to its own namespace."""
+    environment: KubeEnvironment = start_cluster(tmp_path_factory.mktemp("kube"))
+    try:
+        yield environment
+    finally:
+        environment.stop()

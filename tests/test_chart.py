@@ -1,5 +1,6 @@
-"""The Helm chart (charts/instseg): lint, render, validate the rendered objects offline, and
-check them against the operator's code: its RBAC, its flags, its metrics."""
+"""The Helm chart (charts/instseg): lint, render, validate the rendered objects offline and on
+the real API server (server-side dry-run), and check them against the operator's code: its
+RBAC, its flags, its metrics."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from instseg_operator import __main__ as operator_cli
 from instseg_operator import manifests as mf
 from instseg_operator.cluster import API_USE
 from instseg_operator.metrics import TrainingMetrics
-from tests.kube.schema import load_crds, validate_resource
+from tests.cluster import KubeEnvironment
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "instseg"
@@ -148,18 +149,26 @@ def test_everything_on_render():
 
 
 @pytest.mark.parametrize("values", [{}, EVERYTHING], ids=["defaults", "everything"])
-def test_rendered_objects_are_valid_kubernetes(values):
-    peering_crds = {
-        crd["spec"]["names"]["kind"]: crd for crd in load_crds(ROOT / "crds" / "kopf-peering.yaml")
-    }
-    for obj in render(values, include_crds=True):
-        kind = obj["kind"]
-        if kind in peering_crds:
-            assert validate_resource(peering_crds[kind], obj) == []
-        elif kind == "ServiceMonitor":
+def test_rendered_objects_are_valid_kubernetes(values, kube: KubeEnvironment):
+    objects = render(values, include_crds=True)
+    served = []
+    for obj in objects:
+        if obj["kind"] == "ServiceMonitor":  # the Prometheus Operator's CRD is not installed
             _check_service_monitor(obj, render(values))
-        else:
-            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            continue
+        if obj["apiVersion"].startswith("kopf.dev/"):  # custom resources: the server checks
+            served.append(obj)
+            continue
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        served.append(obj)
+    # the real API server: every schema (the peering objects' against kopf's CRDs), field
+    # validation and admission
+    namespaces = {o["metadata"].get("namespace") for o in served} - {None}
+    for ns in namespaces:
+        kube.kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    text = yaml.safe_dump_all(served)
+    kube.kubectl("apply", "--dry-run=server", "--server-side", "--force-conflicts", "-f", "-",
+                 stdin=text)  # fmt: skip
 
 
 def _check_service_monitor(monitor: dict, objects: list[dict]) -> None:

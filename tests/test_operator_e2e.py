@@ -1,8 +1,9 @@
-"""The operator end to end, over real HTTP: kubectl and the kubernetes client against the API
-emulator, the operator as its own process, and the real trainer run by the emulator's local
-kubelet on tiny sample data.
+"""The operator end to end on a real Kubernetes control plane (tests/kube): kubectl and the
+kubernetes client against kube-apiserver, the real Job controller, garbage collector and
+scheduler, the operator as its own process with the chart's ServiceAccount and RBAC, and the
+real trainer run by the local kubelet on tiny sample data.
 
-One emulator and one operator serve the module; each test uses its own namespace.
+The session's cluster and one operator serve the module; each test uses its own namespace.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 
 from instseg_operator import manifests as mf
 from instseg_trainer.sample_data import write_sample_dataset
-from tests.cluster import ROOT, OperatorProcess, kubectl_binary, pvc, start_cluster, wait_for
+from tests.cluster import ROOT, KubeEnvironment, OperatorProcess, kubectl_binary, pvc, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,16 +32,16 @@ TIMEOUT = 240
 
 
 class Cluster:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.emulator, self.kubectl = start_cluster(root, backoff_seconds=0.5)
+    def __init__(self, kube: KubeEnvironment, root: Path) -> None:
+        self.kube, self.root = kube, root
+        self.local, self.kubectl = kube.cluster, kube.kubectl
         self.operator = self.start_operator()
 
     def start_operator(
         self, *extra: str, priority: int | None = None, log: str = "operator.log"
     ) -> OperatorProcess:
         path = self.root / log
-        return OperatorProcess(self.emulator.kubeconfig, path, *extra, priority=priority)
+        return OperatorProcess(self.kube.operator_kubeconfig, path, *extra, priority=priority)
 
     def restart_operator(self, sig: int = signal.SIGKILL) -> None:
         self.operator.stop(sig)
@@ -52,12 +53,12 @@ class Cluster:
         self.operator = self.start_operator(priority=priority)
         self.operator.wait_healthy()
 
-    def namespace(self, name: str, with_data: bool = True) -> str:
-        # kubectl create sends protobuf, which the emulator does not speak: apply JSON
-        self.kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    def namespace(self, name: str, with_data: bool = True, labels: dict | None = None) -> str:
+        meta = {"name": name, "labels": labels or {}}
+        self.kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
         if with_data:
             self.kubectl.apply(pvc("datasets", name), pvc("instseg-runs", name))
-            data = self.emulator.volume_dir(name, "datasets") / "shapes"
+            data = self.local.volume_dir(name, "datasets") / "shapes"
             write_sample_dataset(data, num_train=4, num_val=2, seed=1, min_size=64, max_size=96)
         return name
 
@@ -107,12 +108,11 @@ class Cluster:
 
     def close(self) -> None:
         self.operator.stop()
-        self.emulator.stop()
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    env = Cluster(tmp_path_factory.mktemp("cluster"))
+def cluster(kube: KubeEnvironment, tmp_path_factory: pytest.TempPathFactory):
+    env = Cluster(kube, tmp_path_factory.mktemp("operator"))
     try:
         env.operator.wait_healthy()
         yield env
@@ -157,9 +157,8 @@ def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> Non
     progress = status["progress"]  # written by the trainer in the pod, with its own token
     assert progress["epochText"] == "1/1" and progress["totalEpochs"] == 1
     assert "bestSegmMap" in progress["metrics"]
-    run = cluster.emulator.volume_dir(ns, "instseg-runs") / "shapes-r50"
-    # /output/best.pt in a pod; the local kubelet maps /output to the claim's directory
-    assert progress["bestCheckpoint"] == str(run / "best.pt")
+    run = cluster.local.volume_dir(ns, "instseg-runs") / "shapes-r50"
+    assert progress["bestCheckpoint"] == "/output/best.pt"  # the claim's subPath in the pod
     assert (run / "best.pt").is_file() and (run / "metrics.jsonl").is_file()
 
     table = cluster.kubectl("get", "ist", "-n", ns)
@@ -270,6 +269,34 @@ def test_pods_that_cannot_start_say_why(cluster: Cluster) -> None:
     cluster.kubectl("delete", "ist", "--all", "-n", ns)
 
 
+def test_pods_refused_by_admission_never_run(cluster: Cluster) -> None:
+    restricted = cluster.namespace(
+        "restricted", labels={"pod-security.kubernetes.io/enforce": "restricted"}
+    )
+    no_gpus = cluster.namespace("no-gpu-quota")
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota",
+             "metadata": {"name": "gpus", "namespace": no_gpus},
+             "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}}  # fmt: skip
+    cluster.kubectl.apply(quota)
+    cluster.kubectl.apply(training("strict", restricted), training("greedy", no_gpus))
+
+    def refusal(namespace: str) -> str | None:
+        selector = "involvedObject.kind=Job,reason=FailedCreate"
+        events = cluster.kubectl.json("events", "-n", namespace, "--field-selector", selector)
+        return next((e["message"] for e in events["items"]), None)
+
+    # the real Job controller is refused by the admission plugins, so no trainer pod exists
+    pod_security = wait_for("the PodSecurity refusal", lambda: refusal(restricted), timeout=60)
+    assert 'violates PodSecurity "restricted:latest"' in pod_security
+    quota_message = wait_for("the quota refusal", lambda: refusal(no_gpus), timeout=60)
+    assert "exceeded quota: gpus" in quota_message and "requests.nvidia.com/gpu=1" in quota_message
+    for namespace, name in ((restricted, "strict"), (no_gpus, "greedy")):
+        assert not cluster.kubectl.json("pods", "-n", namespace)["items"]
+        assert (cluster.get(namespace, name).get("status") or {}).get("phase") == "Pending"
+    cluster.kubectl("delete", "ist", "--all", "-n", restricted)
+    cluster.kubectl("delete", "ist", "--all", "-n", no_gpus)
+
+
 def test_suspend_resume_and_operator_restart_mid_training(cluster: Cluster) -> None:
     ns = cluster.namespace("suspend")
     resource = training("long", ns)
@@ -284,7 +311,7 @@ def test_suspend_resume_and_operator_restart_mid_training(cluster: Cluster) -> N
     assert {c["type"]: c["status"] for c in suspended["status"]["conditions"]}[
         "Suspended"
     ] == "True"
-    run = cluster.emulator.volume_dir(ns, "instseg-runs") / "shapes-r50"
+    run = cluster.local.volume_dir(ns, "instseg-runs") / "shapes-r50"
     assert (run / "last.pt").is_file()
     (job,) = cluster.jobs(ns)
     assert job["spec"]["suspend"] is True
@@ -340,9 +367,9 @@ def test_fifty_trainings_applied_at_once_get_exactly_fifty_jobs(cluster: Cluster
     wait_for("the Jobs to go", lambda: not cluster.jobs(ns), timeout=60)
 
 
-def test_multi_node_training_gets_an_indexed_job_and_a_headless_service(cluster: Cluster) -> None:
+def test_two_workers_train_together_across_two_pods(cluster: Cluster) -> None:
     ns = cluster.namespace("multi")
-    resource = training("dist", ns, workers=2, suspend=True, resources={"gpus": 4})
+    resource = training("dist", ns, workers=2, resources={"gpus": 0})
     cluster.kubectl.apply(resource)
     (job,) = wait_for("the Job", lambda: cluster.jobs(ns), timeout=30)
     spec = job["spec"]
@@ -351,12 +378,22 @@ def test_multi_node_training_gets_an_indexed_job_and_a_headless_service(cluster:
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == "dist-workers"
     command = pod["containers"][0]["command"]
-    assert command[:7] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--node-rank",
+    assert command[:7] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
                            "$(JOB_COMPLETION_INDEX)"]  # fmt: skip
     assert "dist-train-0.dist-workers" in command
     service = cluster.kubectl.json("service", "dist-workers", "-n", ns)
     assert service["spec"]["clusterIP"] == "None"
     assert service["metadata"]["ownerReferences"][0]["name"] == "dist"
+
+    # each pod has its own network namespace: worker 1 reaches worker 0 by its DNS name
+    done = cluster.wait_phase(ns, "dist", "Succeeded", timeout=2 * TIMEOUT)
+    assert done["status"]["progress"]["epochText"] == "1/1"
+    pods = cluster.kubectl.json("pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=dist-train")
+    ips = {p["status"]["podIP"] for p in pods["items"]}
+    assert len(ips) == 2 and all(p["status"]["phase"] == "Succeeded" for p in pods["items"])
+    run = cluster.local.volume_dir(ns, "instseg-runs") / "shapes-r50"
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["world_size"] for e in events if e["event"] == "start"] == [2]
 
 
 def test_a_second_replica_stays_idle_then_takes_over(cluster: Cluster) -> None:

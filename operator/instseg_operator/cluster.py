@@ -38,6 +38,9 @@ API_USE = {
     # patch: phase, conditions, message; get: the operator creates Roles granting get+patch
     # here to trainers, and RBAC lets it grant only verbs it holds itself
     (mf.GROUP, f"{mf.PLURAL}/status"): {"get", "patch"},
+    # children carry ownerReferences with blockOwnerDeletion; OwnerReferencesPermissionEnforcement
+    # (hardened clusters, OpenShift) admits those only from who may update the owner's finalizers
+    (mf.GROUP, f"{mf.PLURAL}/finalizers"): {"update"},
     ("batch", "jobs"): {"list", "watch", "get", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},  # status is derived from the Job's pods
     ("", "persistentvolumeclaims"): {"get"},  # data and output volumes must exist

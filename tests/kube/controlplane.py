@@ -46,7 +46,9 @@ def control_plane_binary() -> Path:
     """The built binary, or an error that says how to build it."""
     if BINARY.is_file():
         return BINARY
-    hint = "run `make tools`" if shutil.which("go") else "install Go 1.24 or newer, then `make tools`"
+    hint = "run `make tools`"
+    if not shutil.which("go"):
+        hint = "install Go 1.24 or newer, then run `make tools`"
     raise ControlPlaneError(f"{BINARY} is missing: {hint} (it builds the Kubernetes control plane)")
 
 
@@ -55,15 +57,23 @@ def write_kubeconfig(path: Path, server: str, ca: Path, client: KeyPair, namespa
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "clusters": [
+            {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}
+        ],
         "users": [
-            {"name": "user", "user": {"client-certificate": str(client.cert), "client-key": str(client.key)}}
+            {
+                "name": "user",
+                "user": {"client-certificate": str(client.cert), "client-key": str(client.key)},
+            }
         ],
         "contexts": [
-            {"name": "local", "context": {"cluster": "local", "user": "user", "namespace": namespace}}
+            {
+                "name": "local",
+                "context": {"cluster": "local", "user": "user", "namespace": namespace},
+            }
         ],
         "current-context": "local",
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -79,8 +89,7 @@ class ControlPlane:
         self.pki = self.root / "pki"
         self.logs = self.root / "logs"
         self.kubeconfig = Path(kubeconfig) if kubeconfig else self.root / "kubeconfig"
-        self.port = free_port(address)
-        self.server = f"https://{address}:{self.port}"
+        self.port, self.server = 0, ""  # chosen at start, once `address` exists
         self.processes: dict[str, subprocess.Popen] = {}
 
     # certificates -------------------------------------------------------------------------
@@ -161,7 +170,8 @@ class ControlPlane:
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
             f"--service-account-private-key-file={self.service_account_keys.key}",
             f"--root-ca-file={self.ca.cert}", "--use-service-account-credentials=true",
-            f"--controllers={self.controllers}", "--leader-elect=false", "--profiling=false", "--v=1",
+            f"--controllers={self.controllers}", "--leader-elect=false",
+            "--profiling=false", "--v=1",
         )  # fmt: skip
         self._spawn(
             "kube-scheduler",
@@ -174,6 +184,8 @@ class ControlPlane:
     def start(self, timeout: float = 120) -> ControlPlane:
         self.root.mkdir(parents=True, exist_ok=True)
         control_plane_binary()
+        self.port = free_port(self.address)
+        self.server = f"https://{self.address}:{self.port}"
         self._issue_certificates()
         self._start_apiserver(self._start_etcd())
         self._wait("kube-apiserver's /readyz", self._ready, timeout, "etcd", "kube-apiserver")

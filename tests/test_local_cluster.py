@@ -1,0 +1,121 @@
+"""The local cluster the operator's tests run on behaves like Kubernetes where they rely on it:
+the real control plane's version and admission, claims bound to directories, and the local
+kubelet's pods (env from the downward API, volumes where the pod mounts them, a real
+service-account token, exit codes, graceful deletion)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from tests.cluster import KubeEnvironment, pvc, wait_for
+
+NAMESPACE = "local-cluster"
+# the pod's own view: env, its mounts, and an in-cluster API call with its token
+PROBE = textwrap.dedent(
+    """
+    import json, os, pathlib, sys
+    from kubernetes import client, config
+    config.load_incluster_config()
+    me = client.CoreV1Api().read_namespaced_pod(os.environ["POD_NAME"], os.environ["POD_NS"])
+    pathlib.Path("/probe/probe.json").write_text(json.dumps({
+        "uid": me.metadata.uid, "node": os.environ["NODE"], "ip": os.environ["POD_IP"],
+        "hostname": os.uname().nodename,
+    }))
+    sys.exit(int(os.environ.get("EXIT_CODE", "0")))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def namespace(kube: KubeEnvironment) -> str:
+    kube.kubectl.apply(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+        pvc("work", NAMESPACE),
+        # the probe reads its own pod through the API, as the trainer patches its training
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "view", "namespace": NAMESPACE},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": "view"},
+         "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": NAMESPACE}]},
+    )  # fmt: skip
+    return NAMESPACE
+
+
+def probe_pod(name: str, exit_code: int = 0, command: list[str] | None = None) -> dict:
+    field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "probe", "image": "python:3.11",
+                "command": command or [sys.executable, "-c", PROBE],
+                "env": [{"name": "POD_NAME", **field("metadata.name")},
+                        {"name": "POD_NS", **field("metadata.namespace")},
+                        {"name": "NODE", **field("spec.nodeName")},
+                        {"name": "POD_IP", **field("status.podIP")},
+                        {"name": "EXIT_CODE", "value": str(exit_code)}],
+                "volumeMounts": [{"name": "work", "mountPath": "/probe", "subPath": name}],
+            }],
+            "volumes": [{"name": "work", "persistentVolumeClaim": {"claimName": "work"}}],
+        },
+    }  # fmt: skip
+
+
+def pod_phase(kube: KubeEnvironment, name: str) -> str | None:
+    pod = kube.kubectl.json("pod", name, "-n", NAMESPACE)
+    phase = pod["status"].get("phase")
+    return phase if phase in ("Succeeded", "Failed") else None
+
+
+def test_the_control_plane_is_kubernetes_1_34(kube: KubeEnvironment) -> None:
+    version = json.loads(kube.kubectl("version", "-o", "json"))
+    assert version["serverVersion"]["gitVersion"] == "v1.34.5"
+    (node,) = kube.kubectl.json("nodes")["items"]
+    ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
+    assert ready == "True" and node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+
+
+def test_a_pod_runs_with_its_env_volumes_and_token(kube: KubeEnvironment, namespace: str) -> None:
+    kube.kubectl.apply(probe_pod("probe"))
+    assert wait_for("the probe pod to finish", lambda: pod_phase(kube, "probe"), 60) == "Succeeded"
+    claim = kube.kubectl.json("pvc", "work", "-n", namespace)
+    assert claim["status"]["phase"] == "Bound"  # by the real PV binder
+    work = kube.cluster.volume_dir(namespace, "work")
+    seen = json.loads((work / "probe" / "probe.json").read_text())
+    pod = kube.kubectl.json("pod", "probe", "-n", namespace)
+    assert seen == {"uid": pod["metadata"]["uid"], "node": "local", "ip": pod["status"]["podIP"],
+                    "hostname": "probe"}  # fmt: skip
+    (status,) = pod["status"]["containerStatuses"]
+    assert status["state"]["terminated"]["exitCode"] == 0
+
+
+def test_a_failing_container_reports_its_exit_code(kube: KubeEnvironment, namespace: str) -> None:
+    kube.kubectl.apply(probe_pod("fails", exit_code=3))
+    assert wait_for("the failing pod", lambda: pod_phase(kube, "fails"), 60) == "Failed"
+    pod = kube.kubectl.json("pod", "fails", "-n", namespace)
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["exitCode"], terminated["reason"]) == (3, "Error")
+
+
+def test_deleting_a_pod_stops_its_process_gracefully(kube: KubeEnvironment, namespace: str) -> None:
+    trap = ("import pathlib, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path('/probe/term').write_text('1'),"
+            " sys.exit(0)))\nwhile True: time.sleep(0.1)\n")  # fmt: skip
+    kube.kubectl.apply(probe_pod("sleeper", command=[sys.executable, "-c", trap]))
+    wait_for(
+        "the sleeper to run",
+        lambda: (
+            kube.kubectl.json("pod", "sleeper", "-n", namespace)["status"].get("phase") == "Running"
+        ),
+        60,
+    )
+    kube.kubectl("delete", "pod", "sleeper", "-n", namespace, "--timeout=60s")
+    assert (kube.cluster.volume_dir(namespace, "work") / "sleeper" / "term").read_text() == "1"
