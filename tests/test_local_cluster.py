@@ -108,14 +108,10 @@ def test_a_failing_container_reports_its_exit_code(kube: KubeEnvironment, namesp
 def test_deleting_a_pod_stops_its_process_gracefully(kube: KubeEnvironment, namespace: str) -> None:
     trap = ("import pathlib, signal, sys, time\n"
             "signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path('/probe/term').write_text('1'),"
-            " sys.exit(0)))\nwhile True: time.sleep(0.1)\n")  # fmt: skip
+            " sys.exit(0)))\npathlib.Path('/probe/ready').write_text('1')\n"
+            "while True: time.sleep(0.1)\n")  # fmt: skip
     kube.kubectl.apply(probe_pod("sleeper", command=[sys.executable, "-c", trap]))
-    wait_for(
-        "the sleeper to run",
-        lambda: (
-            kube.kubectl.json("pod", "sleeper", "-n", namespace)["status"].get("phase") == "Running"
-        ),
-        60,
-    )
+    work = kube.cluster.volume_dir(namespace, "work") / "sleeper"
+    wait_for("the sleeper to trap SIGTERM", lambda: (work / "ready").is_file(), 60)
     kube.kubectl("delete", "pod", "sleeper", "-n", namespace, "--timeout=60s")
-    assert (kube.cluster.volume_dir(namespace, "work") / "sleeper" / "term").read_text() == "1"
+    assert (work / "term").read_text() == "1"

@@ -156,6 +156,7 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_RANGE}",
             f"--kubelet-client-certificate={self.kubelet_client.cert}",
             f"--kubelet-client-key={self.kubelet_client.key}",
+            f"--kubelet-certificate-authority={self.ca.cert}",
             "--kubelet-preferred-address-types=InternalIP",
             "--profiling=false", "--v=1",
         )  # fmt: skip

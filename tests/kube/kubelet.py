@@ -92,6 +92,12 @@ DEFAULT_TOKEN_SECONDS = 3607
 REQUEST_TIMEOUT = 30
 WATCH_SECONDS = 300
 TERMINAL = ("Succeeded", "Failed")
+NODE_CONDITIONS = (  # type, status, reason, message: a healthy kubelet's
+    ("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory"),
+    ("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+    ("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+    ("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+)
 NOT_FOUND = "executable file not found in $PATH"
 # what every container runs from: this Python environment is the local kubelet's "image"
 IMAGE_PATHS = sorted(
@@ -1582,22 +1588,7 @@ class Kubelet:
 
     def node_status(self) -> dict:
         now = now_iso()
-        conditions = [
-            (
-                "MemoryPressure",
-                "False",
-                "KubeletHasSufficientMemory",
-                "kubelet has sufficient memory available",
-            ),
-            ("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-            (
-                "PIDPressure",
-                "False",
-                "KubeletHasSufficientPID",
-                "kubelet has sufficient PID available",
-            ),
-            ("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
-        ]
+        port = self.log_server.port if self.log_server else 0
         return {
             "capacity": dict(self.allocatable),
             "allocatable": dict(self.allocatable),
@@ -1610,13 +1601,13 @@ class Kubelet:
                     "lastHeartbeatTime": now,
                     "lastTransitionTime": now,
                 }
-                for kind, status, reason, message in conditions
+                for kind, status, reason, message in NODE_CONDITIONS
             ],
             "addresses": [
                 {"type": "InternalIP", "address": self.network.gateway},
                 {"type": "Hostname", "address": self.node_name},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
             "nodeInfo": {
                 "architecture": "amd64",
                 "operatingSystem": "linux",
@@ -1676,8 +1667,7 @@ class Kubelet:
                 await self._renew_lease()
                 if time.monotonic() - last_status >= HEARTBEAT_SECONDS:
                     now = now_iso()  # conditions merge by type: their transition times stay
-                    kinds = ("Ready", "MemoryPressure", "DiskPressure", "PIDPressure")
-                    beats = [{"type": kind, "lastHeartbeatTime": now} for kind in kinds]
+                    beats = [{"type": c[0], "lastHeartbeatTime": now} for c in NODE_CONDITIONS]
                     await self._patch_node_status({"conditions": beats})
                     last_status = time.monotonic()
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
