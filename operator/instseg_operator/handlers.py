@@ -4,7 +4,10 @@ its status → Prometheus series.
 Run with `kopf run -m instseg_operator.handlers --all-namespaces` (or `instseg-operator`,
 which adds the flags from the environment). The handlers are level-based: every decision is
 taken from what the API server holds (the resource, its Job and the Job's Pods), never from
-this process's memory, so a restarted operator carries on where the last one stopped.
+state this process made up, so a restarted operator carries on where the last one stopped.
+Status is derived from the trainings' Jobs and Pods as kopf's indexes hold them (kept by the
+watches, which every change of a Job or Pod also triggers a refresh from), so the hot path
+reads only the training itself from the API server.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import kopf
 from prometheus_client import start_http_server
@@ -188,7 +192,7 @@ def _finished(training: dict) -> bool:
     )
 
 
-def ensure(training: dict, logger: logging.Logger, retry: int = 0) -> None:
+def ensure(training: dict, children: Children, logger: logging.Logger, retry: int = 0) -> None:
     """Brings the children of a training in line with its spec, then refreshes its status."""
     meta, spec = training["metadata"], training["spec"]
     namespace, name = meta["namespace"], meta["name"]
@@ -196,7 +200,7 @@ def ensure(training: dict, logger: logging.Logger, retry: int = 0) -> None:
         return
     if _finished(training):
         # an operator restart or upgrade must neither re-run nor re-judge a finished training
-        refresh(namespace, name, logger)
+        refresh(namespace, name, children, logger)
         return
     with _training_lock(namespace, name):
         job = cluster().get("Job", namespace, mf.job_name(name))
@@ -233,7 +237,7 @@ def ensure(training: dict, logger: logging.Logger, retry: int = 0) -> None:
         )  # fmt: skip
         # the new Job's watch event derives the first status (no second round of calls here)
     else:
-        refresh(namespace, name, logger)
+        refresh(namespace, name, children, logger)
 
 
 def _update_job(job: dict, wanted: dict, training: dict, retry: int) -> None:
@@ -275,21 +279,61 @@ def _update_job(job: dict, wanted: dict, training: dict, retry: int) -> None:
     raise kopf.TemporaryError("waiting for the old Job to be deleted", delay=1)
 
 
-def refresh(namespace: str, name: str, logger: logging.Logger) -> bool:
-    """Derives the training's status from its Job and Pods (read now, inside the lock: a
-    watch event's copy may be older than what the last refresh saw) and writes changes.
-    False when the training's Job does not exist."""
+def _training_of(body: kopf.Body) -> str | None:
+    annotations = body["metadata"].get("annotations") or {}
+    return annotations.get(mf.TRAINING_ANNOTATION)
+
+
+@kopf.index("batch", "v1", "jobs", labels=mf.MANAGED_BY)
+def training_jobs(namespace: str, body: kopf.Body, **_) -> dict | None:
+    """(namespace, training name) → its Jobs, as the watch last saw them."""
+    name = _training_of(body)
+    return {(namespace, name): _plain(body)} if name else None
+
+
+@kopf.index("", "v1", "pods", labels=mf.MANAGED_BY)
+def job_pods(namespace: str, labels: Mapping, body: kopf.Body, **_) -> dict | None:
+    """(namespace, Job uid) → its Pods, as the watch last saw them."""
+    uid = labels.get("batch.kubernetes.io/controller-uid")
+    return {(namespace, uid): _plain(body)} if uid else None
+
+
+@dataclass(frozen=True)
+class Children:
+    """The kopf indexes a status refresh reads a training's Job and Pods from."""
+
+    jobs: kopf.Index
+    pods: kopf.Index
+
+    def job(self, training: dict) -> dict | None:
+        meta = training["metadata"]
+        owned = [
+            job
+            for job in self.jobs.get((meta["namespace"], meta["name"]), [])
+            if _owned_by(job, training)
+        ]
+        # a replaced Job lingers while it is deleted: the live one counts
+        owned.sort(key=lambda job: bool(job["metadata"].get("deletionTimestamp")))
+        return owned[0] if owned else None
+
+    def pods_of(self, job: dict) -> list[dict]:
+        return list(self.pods.get((job["metadata"]["namespace"], job["metadata"]["uid"]), []))
+
+
+def refresh(namespace: str, name: str, children: Children, logger: logging.Logger) -> bool:
+    """Derives the training's status from its Job and Pods and writes changes. The training is
+    read now, inside the lock (a watch event's copy may be older than what the last refresh
+    wrote); Job and Pods come from the watches' indexes, and any change to them refreshes
+    again. False when the training's Job does not exist."""
     with _training_lock(namespace, name):
         training = cluster().get(mf.KIND, namespace, name)
         if training is None or training["metadata"].get("deletionTimestamp"):
             return True
-        job = cluster().get("Job", namespace, mf.job_name(name))
-        if job is None or not _owned_by(job, training):
+        job = children.job(training)
+        if job is None:
             # before the Job (ensure writes that status) or after its TTL deletion
-            return job is not None
-        pods = cluster().list(
-            "Pod", namespace, {"batch.kubernetes.io/controller-uid": job["metadata"]["uid"]}
-        )
+            return False
+        pods = children.pods_of(job)
         previous = training.get("status") or {}
         generation = training["metadata"].get("generation", 1)
         user_suspend = bool(training["spec"].get("suspend", False))
@@ -312,33 +356,49 @@ def refresh(namespace: str, name: str, logger: logging.Logger) -> bool:
 
 
 @kopf.on.create(*TRAINING)
-def on_create(body: kopf.Body, logger: logging.Logger, retry: int, **_) -> None:
+def on_create(
+    body: kopf.Body,
+    logger: logging.Logger,
+    retry: int,
+    training_jobs: kopf.Index,
+    job_pods: kopf.Index,
+    **_,
+) -> None:
     training = _plain(body)
     if retry == 0:
         METRICS.count_created(training["spec"].get("template", ""))
     with METRICS.reconcile_seconds.time():
-        ensure(training, logger, retry)
+        ensure(training, Children(training_jobs, job_pods), logger, retry)
 
 
 @kopf.on.resume(*TRAINING)
 @kopf.on.update(*TRAINING, field="spec")
-def on_change(body: kopf.Body, logger: logging.Logger, retry: int, **_) -> None:
+def on_change(
+    body: kopf.Body,
+    logger: logging.Logger,
+    retry: int,
+    training_jobs: kopf.Index,
+    job_pods: kopf.Index,
+    **_,
+) -> None:
     with METRICS.reconcile_seconds.time():
-        ensure(_plain(body), logger, retry)
+        ensure(_plain(body), Children(training_jobs, job_pods), logger, retry)
 
 
 @kopf.timer(*TRAINING, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, logger: logging.Logger, **_) -> None:
+def resync(
+    body: kopf.Body, logger: logging.Logger, training_jobs: kopf.Index, job_pods: kopf.Index, **_
+) -> None:
     """Level-based safety net: a status write lost to an API error (watch-event handlers are
     not retried) or a Job deleted by hand is noticed within a minute."""
     training = _plain(body)
-    meta = training["metadata"]
+    meta, children = training["metadata"], Children(training_jobs, job_pods)
     with METRICS.reconcile_seconds.time():
         if _finished(training) or (training.get("status") or {}).get("phase") == st.FAILED:
             return
-        job_exists = refresh(meta["namespace"], meta["name"], logger)
+        job_exists = refresh(meta["namespace"], meta["name"], children, logger)
         if not job_exists and (training.get("status") or {}).get("jobName"):
-            ensure(training, logger)  # the Job went away before the training finished
+            ensure(training, children, logger)  # the Job went away before the training finished
 
 
 @kopf.on.event(*TRAINING)
@@ -353,16 +413,13 @@ def on_training_event(event: kopf.RawEvent, body: kopf.Body, **_) -> None:
         METRICS.observe(_plain(body))
 
 
-def _training_of(body: kopf.Body) -> str | None:
-    annotations = body["metadata"].get("annotations") or {}
-    return annotations.get(mf.TRAINING_ANNOTATION)
-
-
 @kopf.on.event("batch", "v1", "jobs", labels=mf.MANAGED_BY)
 @kopf.on.event("", "v1", "pods", labels=mf.MANAGED_BY)
-def on_child_event(body: kopf.Body, logger: logging.Logger, **_) -> None:
+def on_child_event(
+    body: kopf.Body, logger: logging.Logger, training_jobs: kopf.Index, job_pods: kopf.Index, **_
+) -> None:
     """A Job or Pod of a training changed: derive the training's status again."""
     name = _training_of(body)
     if name:
         with METRICS.reconcile_seconds.time():
-            refresh(body["metadata"]["namespace"], name, logger)
+            refresh(body["metadata"]["namespace"], name, Children(training_jobs, job_pods), logger)
