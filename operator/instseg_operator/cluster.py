@@ -42,7 +42,7 @@ API_USE = {
     # (hardened clusters, OpenShift) admits those only from who may update the owner's finalizers
     (mf.GROUP, f"{mf.PLURAL}/finalizers"): {"update"},
     ("batch", "jobs"): {"list", "watch", "get", "create", "patch", "delete"},
-    ("", "pods"): {"list", "watch"},  # status is derived from the Job's pods
+    ("", "pods"): {"list", "watch"},  # status is derived from the Job's pods (kopf's index)
     ("", "persistentvolumeclaims"): {"get"},  # data and output volumes must exist
     ("", "serviceaccounts"): {"get", "create"},
     ("", "services"): {"get", "create"},  # headless Service of multi-node trainings
@@ -91,12 +91,12 @@ class Cluster:
             path += f"/{quote(name)}"
         return path + (f"/{sub}" if sub else "")
 
-    def _call(self, method: str, path: str, body=None, query=None, content_type=None) -> dict:
+    def _call(self, method: str, path: str, body=None, content_type=None) -> dict:
         headers = {"Accept": "application/json"}
         if content_type or body is not None:
             headers["Content-Type"] = content_type or "application/json"
         method, url, headers, body, post = self.api.param_serialize(
-            method=method, resource_path=path, query_params=query or [],
+            method=method, resource_path=path, query_params=[],
             header_params=headers, body=body, auth_settings=["BearerToken"],
         )  # fmt: skip
         try:
@@ -116,10 +116,6 @@ class Cluster:
             if e.status == 404:
                 return None
             raise
-
-    def list(self, kind: str, namespace: str, selector: dict[str, str]) -> list[dict]:
-        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in selector.items()))]
-        return self._call("GET", self._path(kind, namespace), query=query).get("items") or []
 
     def create(self, manifest: dict) -> dict:
         meta = manifest["metadata"]
