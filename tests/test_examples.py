@@ -132,6 +132,22 @@ INVALID = {
         lambda spec: spec.update(workers=0),
         "spec.workers: Invalid value: 0: spec.workers in body should be greater than or equal to 1",
     ),
+    "more workers than an Indexed Job allows": (
+        lambda spec: spec.update(workers=100001),
+        "spec.workers in body should be less than or equal to 100000",
+    ),
+    "backoffLimit beyond int32": (
+        lambda spec: spec.update(backoffLimit=2**31),
+        "spec.backoffLimit in body should be less than or equal to 2147483647",
+    ),
+    "ttlSecondsAfterFinished beyond int32": (
+        lambda spec: spec.update(ttlSecondsAfterFinished=2**31),
+        "spec.ttlSecondsAfterFinished in body should be less than or equal to 2147483647",
+    ),
+    "activeDeadlineSeconds beyond int32": (
+        lambda spec: spec.update(activeDeadlineSeconds=2**31),
+        "spec.activeDeadlineSeconds in body should be less than or equal to 2147483647",
+    ),
     "missing data": (lambda spec: spec.pop("data"), "spec.data: Required value"),
     "missing val data": (lambda spec: spec["data"].pop("val"), "spec.data.val: Required value"),
     "missing claim": (
