@@ -175,6 +175,8 @@ def _check_service_monitor(monitor: dict, objects: list[dict]) -> None:
     """The parts of monitoring.coreos.com/v1 ServiceMonitor that make it scrape our Service."""
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(monitor["spec"]) <= {"selector", "namespaceSelector", "endpoints", "jobLabel"}
+    # the series' own namespace label survives the scrape (else it becomes exported_namespace)
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
     service = one(objects, "Service")
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
@@ -193,6 +195,39 @@ def test_a_namespace_glob_with_peering_is_refused(tmp_path):
     assert done.returncode != 0
     assert '"team-*" is a glob' in done.stderr
     assert "peering.enabled=false" in done.stderr
+
+
+def test_a_mistyped_value_is_refused_not_ignored():
+    done = _run_helm(
+        "template", "instseg", str(CHART), "--set", "metrics.servicemonitor.enabled=true"
+    )
+    assert done.returncode != 0
+    assert "additional properties 'servicemonitor' not allowed" in done.stderr
+
+
+def test_the_values_schema_refuses_unknown_keys_at_every_level():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def open_objects(node: dict, path: str) -> list[str]:
+        found = []
+        if "properties" in node and node.get("additionalProperties") is not False:
+            found.append(path or "/")
+        for key, child in (node.get("properties") or {}).items():
+            found += open_objects(child, f"{path}/{key}")
+        if isinstance(node.get("items"), dict):
+            found += open_objects(node["items"], f"{path}[]")
+        return found
+
+    assert open_objects(schema, "") == []
+
+
+@pytest.mark.parametrize("version, accepted", [("1.28.9", False), ("1.29.0", True)])
+def test_the_chart_needs_kubernetes_1_29(version, accepted):
+    # the trainer's Job sets podReplacementPolicy, which Kubernetes serves from 1.29
+    done = _run_helm("template", "instseg", str(CHART), "--kube-version", version)
+    assert (done.returncode == 0) == accepted, done.stderr
+    if not accepted:
+        assert "incompatible with Kubernetes" in done.stderr
 
 
 def test_a_bad_log_level_is_refused_by_the_values_schema(tmp_path):
