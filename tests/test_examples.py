@@ -92,6 +92,12 @@ def test_multinode_example_makes_two_workers_with_four_gpus_each():
 
 def test_kueue_example_is_queued_and_suspended():
     training = load("training-kueue.yaml")
+    # the phase the operator shows while Kueue holds the Job (status.derive_phase), said once
+    text = (EXAMPLES / "training-kueue.yaml").read_text() + (
+        ROOT / "docs" / "kubernetes.md"
+    ).read_text()
+    assert "shows phase Suspended" not in text and "phase `Suspended`.\n" not in text
+    assert "phase Pending,\n# reason Queued" in text
     assert training["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
     assert training["spec"]["suspend"] is True
     meta = {**_meta("shapes-effnet-queued"), "labels": training["metadata"]["labels"]}

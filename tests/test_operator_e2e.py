@@ -269,7 +269,9 @@ def test_pods_that_cannot_start_say_why(cluster: Cluster) -> None:
     cluster.kubectl("delete", "ist", "--all", "-n", ns)
 
 
-def test_pods_refused_by_admission_never_run(cluster: Cluster) -> None:
+def test_pod_security_restricted_admits_the_trainer_and_a_quota_refuses_it(
+    cluster: Cluster,
+) -> None:
     restricted = cluster.namespace(
         "restricted", labels={"pod-security.kubernetes.io/enforce": "restricted"}
     )
@@ -285,15 +287,28 @@ def test_pods_refused_by_admission_never_run(cluster: Cluster) -> None:
         events = cluster.kubectl.json("events", "-n", namespace, "--field-selector", selector)
         return next((e["message"] for e in events["items"]), None)
 
-    # the real Job controller is refused by the admission plugins, so no trainer pod exists
-    pod_security = wait_for("the PodSecurity refusal", lambda: refusal(restricted), timeout=60)
-    assert 'violates PodSecurity "restricted:latest"' in pod_security
+    # the real Job controller is refused by the ResourceQuota admission plugin: no pod, and
+    # the API server's answer reaches the training's status, an Event and kubectl get
     quota_message = wait_for("the quota refusal", lambda: refusal(no_gpus), timeout=60)
     assert "exceeded quota: gpus" in quota_message and "requests.nvidia.com/gpu=1" in quota_message
-    for namespace, name in ((restricted, "strict"), (no_gpus, "greedy")):
-        assert not cluster.kubectl.json("pods", "-n", namespace)["items"]
-        assert (cluster.get(namespace, name).get("status") or {}).get("phase") == "Pending"
-    cluster.kubectl("delete", "ist", "--all", "-n", restricted)
+    assert not cluster.kubectl.json("pods", "-n", no_gpus)["items"]
+
+    def refused_status() -> dict | None:
+        status = cluster.get(no_gpus, "greedy").get("status") or {}
+        return status if "exceeded quota: gpus" in status.get("message", "") else None
+
+    status = wait_for("the refusal in the training's status", refused_status, timeout=60)
+    assert status["phase"] == "Pending"
+    scheduled = next(c for c in status["conditions"] if c["type"] == "Scheduled")
+    assert (scheduled["status"], scheduled["reason"]) == ("False", "QuotaExceeded")
+    (warning,) = [e for e in cluster.wait_event(no_gpus, "greedy", "QuotaExceeded")
+                  if e["reason"] == "QuotaExceeded"]  # fmt: skip
+    assert warning["type"] == "Warning" and "requests.nvidia.com/gpu=1" in warning["message"]
+    table = cluster.kubectl("get", "ist", "greedy", "-n", no_gpus, "-o", "wide")
+    assert "QuotaExceeded" in table and "exceeded quota: gpus" in table
+    # the trainer pod's own securityContext satisfies Pod Security "restricted"
+    cluster.wait_phase(restricted, "strict", "Succeeded")
+    assert refusal(restricted) is None
     cluster.kubectl("delete", "ist", "--all", "-n", no_gpus)
 
 

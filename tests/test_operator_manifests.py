@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,11 +179,15 @@ def test_printer_columns_point_at_schema_fields() -> None:
     crd = yaml.safe_load(CRD.read_text())
     version = crd["spec"]["versions"][0]
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names[:5] == ["Template", "Phase", "Epoch", "Best mAP", "Age"]
+    assert names[:6] == ["Template", "Phase", "Reason", "Epoch", "Best mAP", "Age"]
     schema = version["schema"]["openAPIV3Schema"]
     for column in version["additionalPrinterColumns"]:
         node = schema
-        for part in column["jsonPath"].strip(".").split("."):
+        # a filter such as [?(@.type=="Scheduled")] selects items of a list
+        path = re.sub(r"\[\?\(.*?\)\]", "[]", column["jsonPath"])
+        for part in path.strip(".").split("."):
             if part == "metadata":
                 break
-            node = node["properties"][part]
+            node = node["properties"][part.removesuffix("[]")]
+            if part.endswith("[]"):
+                node = node["items"]

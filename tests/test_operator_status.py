@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from instseg_operator.status import build_conditions, derive_phase, training_status
+from instseg_operator.status import (
+    build_conditions,
+    current_refusal,
+    derive_phase,
+    training_status,
+)
 
 NOW, LATER = "2026-11-29T10:00:00Z", "2026-11-29T10:05:00Z"
 
@@ -160,3 +165,38 @@ def test_every_status_field_is_declared_in_the_crd() -> None:
         item = schema["properties"]["conditions"]["items"]["properties"]
         for condition in status["conditions"]:
             assert set(condition) <= set(item)
+
+
+REFUSED = {
+    "PodSecurityViolation": 'pods "t-train-x" is forbidden: violates PodSecurity '
+    '"restricted:latest": allowPrivilegeEscalation != false',
+    "QuotaExceeded": 'pods "t-train-x" is forbidden: exceeded quota: gpus, requested: '
+    "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=0, limited: "
+    "requests.nvidia.com/gpu=0",
+    "LimitRangeViolation": 'pods "t-train-x" is forbidden: maximum memory usage per '
+    "Container is 1Gi, but limit is 8Gi",
+    "PriorityClassNotFound": 'pods "t-train-x" is forbidden: no PriorityClass with name '
+    "urgent was found",
+    "PodCreationFailed": "Internal error occurred: something else",
+}
+
+
+@pytest.mark.parametrize("reason", REFUSED)
+def test_a_pod_the_api_server_refuses_says_why(reason: str) -> None:
+    phase, got, message = derive_phase(job(start=NOW), [], refusal=REFUSED[reason])
+    assert (phase, got) == ("Pending", reason)
+    assert message == f"the API server refuses the trainer pod: {REFUSED[reason]}"
+
+
+def test_a_refusal_ends_once_a_pod_is_created_after_it() -> None:
+    event = {"reason": "FailedCreate", "message": REFUSED["QuotaExceeded"],
+             "lastTimestamp": NOW}  # fmt: skip
+    assert current_refusal([event], []) == REFUSED["QuotaExceeded"]
+    later = pod("Failed")
+    later["metadata"]["creationTimestamp"] = LATER
+    assert current_refusal([event], [later]) is None
+    # a refusal after the last pod (a retry refused by a quota filled meanwhile) counts
+    assert current_refusal([{**event, "lastTimestamp": LATER}], [{**later, "metadata": {
+        "creationTimestamp": NOW}}]) == REFUSED["QuotaExceeded"]  # fmt: skip
+    # a running pod wins over any refusal
+    assert derive_phase(job(active=1), [pod("Running")], refusal="x")[:2] == ("Running", "Training")

@@ -48,7 +48,9 @@ API_USE = {
     ("", "services"): {"get", "create"},  # headless Service of multi-node trainings
     ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
-    ("", "events"): {"create"},  # kopf.event() posts core v1 Events
+    # create: kopf.event() posts core v1 Events; list: the Job controller's FailedCreate
+    # Events say why a trainer pod cannot be created (Pod Security, quota, LimitRange, ...)
+    ("", "events"): {"create", "list"},
 }
 
 
@@ -91,12 +93,12 @@ class Cluster:
             path += f"/{quote(name)}"
         return path + (f"/{sub}" if sub else "")
 
-    def _call(self, method: str, path: str, body=None, content_type=None) -> dict:
+    def _call(self, method: str, path: str, body=None, query=None, content_type=None) -> dict:
         headers = {"Accept": "application/json"}
         if content_type or body is not None:
             headers["Content-Type"] = content_type or "application/json"
         method, url, headers, body, post = self.api.param_serialize(
-            method=method, resource_path=path, query_params=[],
+            method=method, resource_path=path, query_params=query or [],
             header_params=headers, body=body, auth_settings=["BearerToken"],
         )  # fmt: skip
         try:
@@ -116,6 +118,12 @@ class Cluster:
             if e.status == 404:
                 return None
             raise
+
+    def failed_creates(self, namespace: str, job_uid: str) -> list[dict]:
+        """The Job controller's FailedCreate Events for one Job (it could not create a pod)."""
+        selector = f"involvedObject.uid={job_uid},reason=FailedCreate"
+        path = f"/api/v1/namespaces/{quote(namespace)}/events"
+        return self._call("GET", path, query=[("fieldSelector", selector)]).get("items") or []
 
     def create(self, manifest: dict) -> dict:
         meta = manifest["metadata"]

@@ -35,6 +35,9 @@ TRAINING = (mf.GROUP, mf.VERSION, mf.PLURAL)
 VOLUME_RETRY_SECONDS = 15
 # how often every unfinished training's status is derived again, events or not
 RESYNC_SECONDS = float(os.environ.get("INSTSEG_RESYNC_SECONDS", "60"))
+# a Job whose pod the API server refuses changes nothing the watches see: trainings waiting
+# for their pod are looked at this often
+WAITING_RESYNC_SECONDS = float(os.environ.get("INSTSEG_WAITING_RESYNC_SECONDS", "10"))
 
 METRICS = TrainingMetrics()
 _state: dict[str, object] = {}
@@ -337,22 +340,52 @@ def refresh(namespace: str, name: str, children: Children, logger: logging.Logge
         previous = training.get("status") or {}
         generation = training["metadata"].get("generation", 1)
         user_suspend = bool(training["spec"].get("suspend", False))
-        new = st.training_status(job, pods, previous, generation, _now(), user_suspend)
+        refusal = _pod_refusal(job, pods)
+        new = st.training_status(job, pods, previous, generation, _now(), user_suspend, refusal)
         if {k: previous.get(k) for k in new} == new:
             return True
         cluster().patch_training_status(namespace, name, new)
-        phase, before = new["phase"], previous.get("phase")
-        if phase == before:
-            return True
-        METRICS.count_transition(training["spec"].get("template", ""), phase)
-        logger.info("%s/%s: %s → %s (%s)", namespace, name, before, phase, new["message"])
-        # the Scheduled condition always carries the reason of the derived phase
-        reason = next(c["reason"] for c in new["conditions"] if c["type"] == "Scheduled")
-        kopf.event(
-            training, type="Warning" if phase == st.FAILED else "Normal",
-            reason=reason, message=f"{phase}: {new['message']}",
-        )  # fmt: skip
+        _announce(training, previous, new, logger)
     return True
+
+
+def _pod_refusal(job: dict, pods: list[dict]) -> str | None:
+    """Why the Job controller cannot create the trainer pod, while no pod runs or waits (one
+    Event LIST, only then)."""
+    status, spec = job.get("status") or {}, job.get("spec") or {}
+    live = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    finished = status.get("completionTime") or any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    if live or finished or spec.get("suspend"):
+        return None
+    meta = job["metadata"]
+    return st.current_refusal(cluster().failed_creates(meta["namespace"], meta["uid"]), pods)
+
+
+def _announce(training: dict, previous: dict, new: dict, logger: logging.Logger) -> None:
+    """An Event (and a log line) per phase change, and one when the API server starts
+    refusing the trainer pod."""
+    # the Scheduled condition always carries the reason of the derived phase
+    reason = next(c["reason"] for c in new["conditions"] if c["type"] == "Scheduled")
+    before = previous.get("phase")
+    earlier = [
+        c.get("reason") for c in previous.get("conditions") or [] if c["type"] == "Scheduled"
+    ]
+    refused = reason in st.REFUSAL_REASONS and earlier != [reason]
+    phase = new["phase"]
+    if phase == before and not refused:
+        return
+    meta = training["metadata"]
+    if phase != before:
+        METRICS.count_transition(training["spec"].get("template", ""), phase)
+    logger.info("%s/%s: %s → %s (%s)", meta["namespace"], meta["name"], before, phase,
+                new["message"])  # fmt: skip
+    kopf.event(
+        training, type="Warning" if phase == st.FAILED or refused else "Normal",
+        reason=reason, message=f"{phase}: {new['message']}",
+    )  # fmt: skip
 
 
 @kopf.on.create(*TRAINING)
@@ -399,6 +432,21 @@ def resync(
         job_exists = refresh(meta["namespace"], meta["name"], children, logger)
         if not job_exists and (training.get("status") or {}).get("jobName"):
             ensure(training, children, logger)  # the Job went away before the training finished
+
+
+def _waiting_for_pod(status: Mapping, **_) -> bool:
+    return status.get("phase") == st.PENDING and bool(status.get("jobName"))
+
+
+@kopf.timer(*TRAINING, interval=WAITING_RESYNC_SECONDS, when=_waiting_for_pod)
+def recheck_waiting(
+    body: kopf.Body, logger: logging.Logger, training_jobs: kopf.Index, job_pods: kopf.Index, **_
+) -> None:
+    """A pending training's Job may be unable to create its pod (Pod Security, a quota, a
+    LimitRange): the refusal reaches status within this interval."""
+    meta = body["metadata"]
+    with METRICS.reconcile_seconds.time():
+        refresh(meta["namespace"], meta["name"], Children(training_jobs, job_pods), logger)
 
 
 @kopf.on.event(*TRAINING)

@@ -5,6 +5,7 @@ No API calls here; handlers create what these return, and tests read them direct
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -21,6 +22,22 @@ OUTPUT_MOUNT = "/output"
 SHM_MOUNT = "/dev/shm"
 # Job names end up in pod labels and, for Indexed Jobs, in hostnames `<job>-<index>` that must
 # stay DNS labels (63): children names keep room for the index
+# the trainer image's user (Dockerfile). Pod Security "restricted" admits the pod as it is;
+# fsGroup lets that user write the root-owned volumes block storage and NFS hand out, and
+# OnRootMismatch spares a large dataset volume the recursive chown on every start
+TRAINER_UID = 10001
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "fsGroup": TRAINER_UID,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 MAX_NAME = 56
 MAX_LABEL = 63
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -219,9 +236,11 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}] if workers > 1 else [],
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
     pod_spec: dict = {
         "serviceAccountName": service_account_name(owner),
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "restartPolicy": "Never",
         "containers": [container],
         "volumes": volumes,

@@ -27,6 +27,42 @@ STUCK_REASONS = {
 }
 
 
+# what the API server answers when the Job controller cannot create the trainer pod (the
+# FailedCreate Event's message) → the reason the training shows
+REFUSALS = (
+    ("violates PodSecurity", "PodSecurityViolation"),
+    ("exceeded quota", "QuotaExceeded"),
+    ("failed quota", "QuotaExceeded"),  # a quota on limits.* wants every pod to set them
+    ("usage per Container", "LimitRangeViolation"),
+    ("usage per Pod", "LimitRangeViolation"),
+    ("no PriorityClass with name", "PriorityClassNotFound"),
+    ("error looking up service account", "ServiceAccountNotFound"),
+)
+REFUSAL_REASONS = {reason for _, reason in REFUSALS} | {"PodCreationFailed"}
+
+
+def refusal_reason(message: str) -> str:
+    return next((reason for text, reason in REFUSALS if text in message), "PodCreationFailed")
+
+
+def current_refusal(events: list[dict], pods: list[dict]) -> str | None:
+    """The message of the Job controller's latest FailedCreate Event, unless a pod was created
+    since (the refusal is over)."""
+
+    def when(event: dict) -> str:
+        series = (event.get("series") or {}).get("lastObservedTime")
+        return event.get("lastTimestamp") or series or event.get("eventTime") or ""
+
+    refused = [e for e in events if e.get("reason") == "FailedCreate"]
+    if not refused:
+        return None
+    latest = max(refused, key=when)
+    created = [((p.get("metadata") or {}).get("creationTimestamp") or "")[:19] for p in pods]
+    if any(stamp >= when(latest)[:19] for stamp in created):
+        return None
+    return latest.get("message") or "the Job controller could not create the trainer pod"
+
+
 def _job_condition(job: dict, kind: str) -> dict | None:
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("type") == kind and condition.get("status") == "True":
@@ -67,11 +103,15 @@ def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
 
 
 def derive_phase(
-    job: dict | None, pods: list[dict], user_suspend: bool | None = None
+    job: dict | None,
+    pods: list[dict],
+    user_suspend: bool | None = None,
+    refusal: str | None = None,
 ) -> tuple[str, str, str]:
     """(phase, reason, message) from the Job and its Pods. `user_suspend` is the training's
     spec.suspend: a Job suspended without the user asking is queued (Kueue), not Suspended.
-    None means "as the Job says" (no queue in between)."""
+    None means "as the Job says" (no queue in between). `refusal` is what the API server
+    answered the Job controller's last attempt to create a pod (`current_refusal`)."""
     if job is None:
         return PENDING, "JobNotCreated", "the training Job has not been created yet"
     # Kubernetes ≥ 1.31 sets FailureTarget / SuccessCriteriaMet first, then Failed / Complete
@@ -120,6 +160,9 @@ def derive_phase(
     if (status.get("succeeded") or "Succeeded" in phases) and not waiting:
         # the trainer exited 0 and the Job controller has not written Complete yet
         return RUNNING, "Finishing", "the trainer finished; the Job is completing"
+    if refusal and not live:
+        message = f"the API server refuses the trainer pod: {refusal}"
+        return PENDING, refusal_reason(refusal), message
     failures = max(status.get("failed") or 0, phases.count("Failed"))
     if failures:
         return PENDING, "Restarting", f"{failures} failed attempt(s); retrying"
@@ -170,9 +213,10 @@ def training_status(
     generation: int,
     now: str,
     user_suspend: bool | None = None,
+    refusal: str | None = None,
 ) -> dict:
     """The status fields the operator owns (progress is the trainer's)."""
-    phase, reason, message = derive_phase(job, pods, user_suspend)
+    phase, reason, message = derive_phase(job, pods, user_suspend, refusal)
     job_status = (job or {}).get("status") or {}
     status = {
         "phase": phase,
