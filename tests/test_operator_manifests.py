@@ -69,6 +69,18 @@ def test_single_gpu_job() -> None:
     assert shm["emptyDir"]["medium"] == "Memory" and mounts["/dev/shm"]["name"] == "shm"
 
 
+def test_the_trainer_can_write_root_owned_volumes_as_the_images_user() -> None:
+    pod = build_training_job(_resource())["spec"]["template"]["spec"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    trainer_stage = dockerfile[dockerfile.index(" AS trainer") :]
+    user = trainer_stage[trainer_stage.index("\nUSER ") + 6 :].split()[0]
+    context = pod["securityContext"]
+    assert user == f"{context['runAsUser']}:{context['runAsGroup']}"
+    # block storage and NFS hand out root-owned volumes: the kubelet gives them this group
+    assert context["fsGroup"] == context["runAsGroup"] and context["runAsNonRoot"] is True
+    assert context["fsGroupChangePolicy"] == "OnRootMismatch"  # no recursive chown each start
+
+
 def test_the_command_is_one_the_trainer_accepts() -> None:
     resource = _resource(hyperparameters={"epochs": 5, "learningRate": 0.02, "inputSize": 800})
     command = _container(build_training_job(resource))["command"]
