@@ -61,13 +61,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from fractions import Fraction
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from kubernetes.utils import parse_quantity
 
 from .network import PodAddress, PodNetwork
 
@@ -140,50 +141,18 @@ def expand(text: str, values: dict[str, str]) -> str:
     return "".join(out)
 
 
-_SUFFIXES = {
-    "n": Fraction(1, 10**9),
-    "u": Fraction(1, 10**6),
-    "m": Fraction(1, 1000),
-    "": Fraction(1),
-    "k": Fraction(10**3),
-    "M": Fraction(10**6),
-    "G": Fraction(10**9),
-    "T": Fraction(10**12),
-    "P": Fraction(10**15),
-    "E": Fraction(10**18),
-    "Ki": Fraction(2**10),
-    "Mi": Fraction(2**20),
-    "Gi": Fraction(2**30),
-    "Ti": Fraction(2**40),
-    "Pi": Fraction(2**50),
-    "Ei": Fraction(2**60),
-}
-
-
-def parse_quantity(value: Any) -> Fraction:
-    """A Kubernetes resource quantity ("500m", "2Gi", "1e3") as an exact number."""
-    text = str(value).strip()
-    match = re.fullmatch(r"([+-]?[0-9.]+)(?:[eE]([+-]?[0-9]+)|([a-zA-Z]*))", text)
-    if not match or match.group(3) not in (None, *_SUFFIXES):
-        raise ValueError(f"invalid resource quantity {value!r}")
-    number = Fraction(match.group(1))
-    if match.group(2) is not None:
-        return number * Fraction(10) ** int(match.group(2))
-    return number * _SUFFIXES[match.group(3) or ""]
-
-
 def qos_class(pod: dict) -> str:
     """Guaranteed, Burstable or BestEffort, computed as Kubernetes' GetPodQOS does."""
     spec = pod.get("spec") or {}
-    requests: dict[str, Fraction] = {}
-    limits: dict[str, Fraction] = {}
+    requests: dict[str, Decimal] = {}
+    limits: dict[str, Decimal] = {}
     guaranteed = True
     for container in (spec.get("initContainers") or []) + (spec.get("containers") or []):
         resources = container.get("resources") or {}
         for kind, totals in (("requests", requests), ("limits", limits)):
             for name, value in (resources.get(kind) or {}).items():
                 if name in ("cpu", "memory") and parse_quantity(value) != 0:
-                    totals[name] = totals.get(name, Fraction(0)) + parse_quantity(value)
+                    totals[name] = totals.get(name, Decimal(0)) + parse_quantity(value)
         found = {n for n, v in (resources.get("limits") or {}).items() if parse_quantity(v) != 0}
         guaranteed &= {"cpu", "memory"} <= found
     if not requests and not limits:
@@ -228,7 +197,7 @@ def resource_field_ref(pod: dict, container_name: str, ref: dict, allocatable: d
     value = ((container.get("resources") or {}).get(section) or {}).get(kind)
     if value is None:
         value = allocatable.get(kind, "0") if section == "limits" else "0"
-    divisor = parse_quantity(ref.get("divisor") or "1") or Fraction(1)  # the API's default is 0
+    divisor = parse_quantity(ref.get("divisor") or "1") or Decimal(1)  # the API's default is 0
     return str(math.ceil(parse_quantity(value) / divisor))
 
 
