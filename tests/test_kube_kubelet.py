@@ -22,6 +22,7 @@ from tests.kube.kubelet import (
     find_executable,
     hosts_entries,
     launch_script,
+    log_tail,
     pod_hostname,
     qos_class,
     resource_field_ref,
@@ -190,3 +191,13 @@ def test_pods_reach_each_other_by_the_names_in_their_hosts_files(tmp_path: Path)
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert server.netns not in names and client.netns not in names
     assert not Path("/etc/netns", server.netns).exists()
+
+
+def test_log_tail_is_what_fallback_to_logs_on_error_reports(tmp_path):
+    log = tmp_path / "pod.log"
+    log.write_text("".join(f"line {i}\n" for i in range(200)))
+    tail = log_tail(log)
+    assert tail.splitlines()[-1] == "line 199" and len(tail.splitlines()) == 80
+    log.write_text("x" * 5000 + "\nlast\n")
+    assert len(log_tail(log).encode()) <= 2048 and log_tail(log).endswith("last")
+    assert log_tail(tmp_path / "missing.log") == ""

@@ -218,21 +218,47 @@ def test_bad_spec_fails_without_a_job_and_missing_volume_waits(cluster: Cluster)
     assert [j["metadata"]["name"] for j in cluster.jobs(ns)] == ["no-volume-train"]
 
 
-def test_failing_trainer_ends_in_backoff_limit_exceeded(cluster: Cluster) -> None:
+def test_bad_data_fails_at_once_with_the_trainers_message(cluster: Cluster) -> None:
     ns = cluster.namespace("failing")
     cluster.kubectl.apply(pvc("empty", ns))
-    broken = training("no-data", ns, backoffLimit=1)
+    broken = training("no-data", ns, backoffLimit=3)
     broken["spec"]["data"] = {"train": {"claimName": "empty"}, "val": {"claimName": "empty"}}
     cluster.kubectl.apply(broken)
     failed = cluster.wait_phase(ns, "no-data", "Failed")
     conditions = {c["type"]: c for c in failed["status"]["conditions"]}
-    assert conditions["Failed"]["reason"] == "BackoffLimitExceeded"
-    assert "last trainer exit code 2" in failed["status"]["message"]  # the CLI's user error
+    # the trainer's exit code for bad input fails the Job at once (podFailurePolicy FailJob),
+    # and its own error line (the pod's termination message) reaches the training's status
+    assert conditions["Failed"]["reason"] == "InvalidInput"
+    message = failed["status"]["message"]
+    assert "last trainer exit code 2: instseg train: error: " in message, message
     (job,) = cluster.jobs(ns)
-    assert job["status"]["failed"] == 2
-    events = cluster.wait_event(ns, "no-data", "BackoffLimitExceeded")
+    assert job["status"]["failed"] == 1  # no retry although backoffLimit allows 3
+    events = cluster.wait_event(ns, "no-data", "InvalidInput")
     warning = [e for e in events if e["type"] == "Warning"]
-    assert warning and warning[-1]["reason"] == "BackoffLimitExceeded"
+    assert warning and warning[-1]["reason"] == "InvalidInput"
+
+
+def test_an_evicted_trainer_is_not_a_failure_and_resumes(cluster: Cluster) -> None:
+    ns = cluster.namespace("evicted")
+    resource = training("drained", ns, backoffLimit=0)
+    resource["spec"]["hyperparameters"]["epochs"] = 3
+    cluster.kubectl.apply(resource)
+    cluster.wait_phase(ns, "drained", "Running")
+    wait_for("a first validation", lambda: cluster.progress(ns, "drained").get("metrics"), TIMEOUT)
+    (pod,) = cluster.kubectl.json("pods", "-n", ns)["items"]
+    name = pod["metadata"]["name"]
+    # what `kubectl drain` does: the Eviction API marks the pod DisruptionTarget
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": name, "namespace": ns}}  # fmt: skip
+    cluster.local.request("POST", f"/api/v1/namespaces/{ns}/pods/{name}/eviction", eviction)
+    done = cluster.wait_phase(ns, "drained", "Succeeded", timeout=2 * TIMEOUT)
+    assert done["status"]["progress"]["epochText"] == "3/3"
+    (job,) = cluster.jobs(ns)
+    assert not job["status"].get("failed")  # backoffLimit 0, yet the eviction did not count
+    run = cluster.local.volume_dir(ns, "instseg-runs") / "shapes-r50"
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = [e["resumed_at_iteration"] for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1] > 0  # the new pod resumed from last.pt
 
 
 def test_pods_that_cannot_start_say_why(cluster: Cluster) -> None:

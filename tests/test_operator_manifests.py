@@ -20,7 +20,7 @@ from instseg_operator.manifests import (
     build_training_job,
     job_name,
 )
-from instseg_trainer.cli import build_parser
+from instseg_trainer.cli import EXIT_USER_ERROR, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "instancesegtrainings.yaml"
@@ -79,6 +79,20 @@ def test_the_trainer_can_write_root_owned_volumes_as_the_images_user() -> None:
     # block storage and NFS hand out root-owned volumes: the kubelet gives them this group
     assert context["fsGroup"] == context["runAsGroup"] and context["runAsNonRoot"] is True
     assert context["fsGroupChangePolicy"] == "OnRootMismatch"  # no recursive chown each start
+
+
+def test_bad_input_fails_at_once_and_disruptions_are_not_failures() -> None:
+    job = build_training_job(_resource())
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    fail, ignore = rules
+    # the trainer's own exit code for bad data or flags: a retry cannot fix it
+    assert fail["action"] == "FailJob"
+    assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In",
+                                   "values": [EXIT_USER_ERROR]}  # fmt: skip
+    assert _container(job)["name"] == "trainer"
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    # what the trainer printed last reaches the pod's status, and so the training's
+    assert _container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
 def test_the_command_is_one_the_trainer_accepts() -> None:

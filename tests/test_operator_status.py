@@ -200,3 +200,15 @@ def test_a_refusal_ends_once_a_pod_is_created_after_it() -> None:
         "creationTimestamp": NOW}}]) == REFUSED["QuotaExceeded"]  # fmt: skip
     # a running pod wins over any refusal
     assert derive_phase(job(active=1), [pod("Running")], refusal="x")[:2] == ("Running", "Training")
+
+
+def test_bad_input_fails_at_once_with_the_trainers_own_words() -> None:
+    rule = cond("Failed", "PodFailurePolicy", "Container trainer for pod t/t-train-x failed "
+                "with exit code 2 matching FailJob rule at index 0")  # fmt: skip
+    said = "INFO loading\ninstseg train: error: /data/train: no COCO annotations found\n"
+    failed = pod("Failed", terminated={"exitCode": 2, "reason": "Error", "message": said})
+    phase, reason, message = derive_phase(job(failed=1, conditions=[rule]), [failed])
+    assert (phase, reason) == ("Failed", "InvalidInput")
+    assert message.endswith(
+        "last trainer exit code 2: instseg train: error: /data/train: no COCO annotations found"
+    )

@@ -38,6 +38,8 @@ CONTAINER_SECURITY_CONTEXT = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
 }
+# the trainer's exit code for bad input (its data, its flags): retrying cannot help
+TRAINER_USER_ERROR_EXIT_CODE = 2
 MAX_NAME = 56
 MAX_LABEL = 63
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -237,6 +239,8 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         "volumeMounts": mounts,
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}] if workers > 1 else [],
         "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+        # the trainer's last log lines (its error) become the terminated state's message
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict = {
         "serviceAccountName": service_account_name(owner),
@@ -260,6 +264,7 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         # one resumes from the checkpoint the old one saved on SIGTERM (Kubernetes >= 1.29;
         # older API servers drop the field and replace terminating pods at once)
         "podReplacementPolicy": "Failed",
+        "podFailurePolicy": _pod_failure_policy(),
         "template": {
             "metadata": {"labels": labels(owner), "annotations": {TRAINING_ANNOTATION: owner}},
             "spec": pod_spec,
@@ -280,6 +285,25 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         SUSPEND_ANNOTATION: str(job_spec["suspend"]).lower(),
     }
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+def _pod_failure_policy() -> dict:
+    """Bad input fails the training at once (no retry can fix it); a disruption (eviction,
+    preemption, a drained node) does not count against backoffLimit: the next pod resumes
+    from the checkpoint."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": "trainer",
+                    "operator": "In",
+                    "values": [TRAINER_USER_ERROR_EXIT_CODE],
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
 
 
 def spec_hash(spec: dict) -> str:

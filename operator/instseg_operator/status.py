@@ -85,6 +85,12 @@ def _last_termination(pods: list[dict]) -> dict | None:
     return latest
 
 
+def _last_line(text: str | None) -> str:
+    """The trainer's own last words (its error line) from a termination message."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
 def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
     for pod in pods:
         status = pod.get("status") or {}
@@ -120,12 +126,16 @@ def derive_phase(
     if failed:
         reason = failed.get("reason", "Failed")
         message = failed.get("message", "the training Job failed")
+        if reason == "PodFailurePolicy":  # the FailJob rule: the trainer's exit for bad input
+            reason = "InvalidInput"
+            message = "the trainer stopped on a problem with its input; a retry cannot fix it"
         terminated = _last_termination(pods)
         if terminated:
             detail = f"last trainer exit code {terminated.get('exitCode')}"
             if terminated.get("reason") == "OOMKilled":
                 reason, detail = "OOMKilled", detail + " (OOMKilled: raise spec.resources.memory)"
-            message = f"{message}; {detail}"
+            said = _last_line(terminated.get("message"))
+            message = f"{message}; {detail}" + (f": {said}" if said else "")
         return FAILED, reason, message
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         return SUCCEEDED, "Completed", "training finished"

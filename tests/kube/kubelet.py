@@ -24,9 +24,10 @@ Pods (list+watch of `spec.nodeName=<node>`; the real scheduler binds them):
 - stdout+stderr append to root/logs/<ns>/<pod>.log, served for `kubectl logs` on
   https://<gateway>:<port>/containerLogs/<ns>/<pod>/<container> (the port is in the Node's
   daemonEndpoints).
-- exit 0 → Completed; other codes → Error; a missing executable → 128 StartError; a SIGKILL the
-  kubelet did not send → 137 OOMKilled. Every restartPolicy ends like Never (no restarts), which
-  is what Jobs use.
+- exit 0 → Completed; other codes → Error (with terminationMessagePolicy FallbackToLogsOnError
+  the end of the log is the terminated state's message); a missing executable → 128
+  StartError; a SIGKILL the kubelet did not send → 137 OOMKilled. Every restartPolicy ends
+  like Never (no restarts), which is what Jobs use.
 - deletion: Killing events, SIGTERM to each process group, SIGKILL after the grace period, the
   final status, then DELETE with grace period 0 and the pod's uid as precondition. A pod that
   vanishes from the API (forced deletion) is killed at once.
@@ -361,6 +362,19 @@ def terminated_state(code: int, killed_by_kubelet: bool, started: str, container
         "finishedAt": now_iso(),
         "containerID": container_id,
     }
+
+
+def log_tail(path: Path, max_lines: int = 80, max_bytes: int = 2048) -> str:
+    """What terminationMessagePolicy FallbackToLogsOnError reports: the end of the log, at
+    most 80 lines or 2048 bytes, whichever is smaller."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - max_bytes))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip("\n").splitlines()[-max_lines:])
 
 
 def _b64(value: str) -> bytes:
@@ -1082,10 +1096,18 @@ class PodWorker:
         code = await process.wait()
         _signal_group(process, signal.SIGKILL)  # what the container left behind dies with it
         started = record.state.get("running", {}).get("startedAt") or now_iso()
-        record.set(
-            "terminated", **terminated_state(code, self.killed, started, record.container_id or "")
-        )
+        terminated = terminated_state(code, self.killed, started, record.container_id or "")
+        if code != 0 and self._container(record.name).get("terminationMessagePolicy") == (
+            "FallbackToLogsOnError"
+        ):
+            terminated["message"] = log_tail(self.kubelet.log_path(self.namespace, self.name))
+        record.set("terminated", **terminated)
         record.ready = False
+
+    def _container(self, name: str) -> dict:
+        spec = self.pod.get("spec") or {}
+        containers = (spec.get("initContainers") or []) + (spec.get("containers") or [])
+        return next((c for c in containers if c.get("name") == name), {})
 
     async def _run_init_containers(self, volumes: dict[str, Mount]) -> bool:
         """Runs the init containers one after the other; False (pod Failed) if one fails."""
