@@ -261,6 +261,45 @@ def test_an_evicted_trainer_is_not_a_failure_and_resumes(cluster: Cluster) -> No
     assert len(starts) == 2 and starts[1] > 0  # the new pod resumed from last.pt
 
 
+def test_a_pod_template_reaches_the_trainer_pod(cluster: Cluster) -> None:
+    ns = cluster.namespace("overlay")
+    settings = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "settings", "namespace": ns},
+        "data": {"team": "vision"},
+    }
+    cluster.kubectl.apply(settings)
+    overlay = {
+        "metadata": {"labels": {"team": "vision"}},
+        "spec": {
+            "imagePullSecrets": [{"name": "registry-creds"}],
+            "volumes": [{"name": "settings", "configMap": {"name": "settings"}}],
+            "containers": [{"name": "trainer",
+                            "env": [{"name": "TEAM", "valueFrom": {"configMapKeyRef": {
+                                "name": "settings", "key": "team"}}}],
+                            "volumeMounts": [{"name": "settings", "mountPath": "/settings"}]}],
+        },
+    }  # fmt: skip
+    owned = {"spec": {"containers": [{"name": "trainer", "command": ["sh", "-c", "true"]}]}}
+    cluster.kubectl.apply(
+        training("merged", ns, podTemplate=overlay), training("hijack", ns, podTemplate=owned)
+    )
+    failed = cluster.wait_phase(ns, "hijack", "Failed", timeout=60)
+    assert (
+        "spec.podTemplate.spec.containers[trainer].command: the operator owns it"
+        in (failed["status"]["message"])
+    )
+    done = cluster.wait_phase(ns, "merged", "Succeeded")  # the API server took the merged pod
+    assert done["status"]["progress"]["epochText"] == "1/1"
+    (pod,) = cluster.kubectl.json("pods", "-n", ns, "-l", "team=vision")["items"]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry-creds"}]
+    trainer = pod["spec"]["containers"][0]
+    mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
+    assert mounts["/settings"] == "settings" and mounts["/output"] == "pvc-1"
+    assert trainer["command"][:2] == ["instseg", "train"]
+
+
 def test_pods_that_cannot_start_say_why(cluster: Cluster) -> None:
     ns = cluster.namespace("stuck")
     nowhere = training("nowhere", ns, nodeSelector={"nvidia.com/gpu.product": "H100"})

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
+from instseg_operator import validation
 from instseg_operator.manifests import (
     API_VERSION,
     build_children,
@@ -19,6 +20,7 @@ from instseg_operator.manifests import (
     build_role,
     build_training_job,
     job_name,
+    trainer_pod_template,
 )
 from instseg_trainer.cli import EXIT_USER_ERROR, build_parser
 
@@ -217,3 +219,84 @@ def test_printer_columns_point_at_schema_fields() -> None:
             node = node["properties"][part.removesuffix("[]")]
             if part.endswith("[]"):
                 node = node["items"]
+
+
+# ------------------------------------------------------------------------ spec.podTemplate
+
+OVERLAY = {
+    "metadata": {"labels": {"team": "vision"}, "annotations": {"example.com/cost": "ml"}},
+    "spec": {
+        "imagePullSecrets": [{"name": "registry-creds"}],
+        "runtimeClassName": "nvidia",
+        "securityContext": {"supplementalGroups": [4000]},
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}},
+        "volumes": [{"name": "weights", "persistentVolumeClaim": {"claimName": "backbones"}}],
+        "containers": [
+            {"name": "trainer",
+             "env": [{"name": "HF_HOME", "value": "/weights/hf"},
+                     {"name": "PYTHONUNBUFFERED", "value": "0"}],
+             "envFrom": [{"secretRef": {"name": "wandb"}}],
+             "volumeMounts": [{"name": "weights", "mountPath": "/weights", "readOnly": True}]},
+            {"name": "log-shipper", "image": "fluent/fluent-bit:3"},
+        ],
+    },
+}  # fmt: skip
+
+
+def test_a_pod_template_is_merged_over_the_trainer_pod() -> None:
+    job = build_training_job(_resource(podTemplate=OVERLAY))
+    template = job["spec"]["template"]
+    assert template["metadata"]["labels"]["team"] == "vision"
+    assert template["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "instseg-operator"
+    assert template["metadata"]["annotations"]["example.com/cost"] == "ml"
+    pod = template["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+    assert pod["runtimeClassName"] == "nvidia" and "nodeAffinity" in pod["affinity"]
+    # maps merge key by key: the operator's restricted context stays, the user's adds
+    assert pod["securityContext"]["supplementalGroups"] == [4000]
+    assert pod["securityContext"]["fsGroup"] == 10001
+    assert [v["name"] for v in pod["volumes"]] == ["pvc-0", "pvc-1", "shm", "weights"]
+    trainer, sidecar = pod["containers"]
+    assert trainer["name"] == "trainer" and sidecar["name"] == "log-shipper"
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["HF_HOME"] == "/weights/hf" and env["PYTHONUNBUFFERED"] == "0"  # by name
+    assert env["INSTSEG_RESOURCE_NAME"] == "shapes-r50"
+    assert trainer["envFrom"] == [{"secretRef": {"name": "wandb"}}]
+    assert [m["mountPath"] for m in trainer["volumeMounts"]][-1] == "/weights"
+    assert trainer["command"][:2] == ["instseg", "train"]
+    assert validation.spec_problems(_resource(podTemplate=OVERLAY)["spec"], trainer_pod_template(
+        _resource())) == []  # fmt: skip
+
+
+PROTECTED = {
+    "the trainer's command": ({"containers": [{"name": "trainer", "command": ["sh"]}]},
+                              "spec.podTemplate.spec.containers[trainer].command"),
+    "the trainer's image": ({"containers": [{"name": "trainer", "image": "x"}]},
+                            "spec.podTemplate.spec.containers[trainer].image: the operator owns "
+                            "it (set spec.image)"),
+    "the output mount": ({"containers": [{"name": "trainer", "volumeMounts": [
+        {"name": "scratch", "mountPath": "/output"}]}]}, "/output is the trainer's own mount"),
+    "an operator volume": ({"volumes": [{"name": "shm", "emptyDir": {}}]},
+                           "'shm' is a volume of the operator's"),
+    "the service account": ({"serviceAccountName": "admin"},
+                            "spec.podTemplate.spec.serviceAccountName: the operator owns it"),
+    "the restart policy": ({"restartPolicy": "OnFailure"},
+                           "spec.podTemplate.spec.restartPolicy: the operator owns it"),
+    "a nameless container": ({"containers": [{"image": "busybox"}]},
+                             "spec.podTemplate.spec.containers[0].name"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("overlay, message", PROTECTED.values(), ids=PROTECTED.keys())
+def test_a_pod_template_may_not_change_what_the_operator_owns(overlay, message) -> None:
+    resource = _resource(podTemplate={"spec": overlay})
+    found = validation.spec_problems(resource["spec"], trainer_pod_template(resource))
+    assert any(message in problem for problem in found), found
+
+
+def test_a_pod_template_label_may_not_replace_the_operators() -> None:
+    resource = _resource(podTemplate={"metadata": {"labels": {"instseg.io/training": "x"}}})
+    found = validation.spec_problems(resource["spec"], trainer_pod_template(resource))
+    assert found == ["spec.podTemplate.metadata.labels[instseg.io/training]: the operator sets it"]

@@ -209,7 +209,7 @@ def ensure(training: dict, children: Children, logger: logging.Logger, retry: in
         job = cluster().get("Job", namespace, mf.job_name(name))
         if job is not None and not _owned_by(job, training):
             job = None  # _ensure_child below reports the conflict
-        problems = spec_problems(spec)
+        problems = spec_problems(spec, mf.trainer_pod_template(training, default_image()))
         if problems:
             message = "invalid spec: " + "; ".join(problems)
             if job is None:

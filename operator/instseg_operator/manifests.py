@@ -9,6 +9,8 @@ import copy
 import hashlib
 import json
 
+from . import pod_template
+
 GROUP = "instseg.io"
 VERSION = "v1alpha1"
 KIND = "InstanceSegTraining"
@@ -210,13 +212,10 @@ def _resources(spec: dict) -> dict:
     return out
 
 
-def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> dict:
-    """The batch/v1 Job that runs the trainer for `resource` (Indexed when workers > 1)."""
+def _trainer_container(resource: dict, default_image: str, mounts: list[dict]) -> dict:
     meta, spec = resource["metadata"], resource["spec"]
     owner = meta["name"]
-    job, service = job_name(owner), service_name(owner)
     workers = int(spec.get("workers", 1))
-    volumes, mounts = _volumes(spec)
     env = [
         {"name": ENV_NAME, "value": owner},
         {"name": ENV_NAMESPACE, "value": meta["namespace"]},
@@ -229,11 +228,11 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
                 "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}},
             }
         )
-    container = {
-        "name": "trainer",
+    return {
+        "name": pod_template.TRAINER,
         "image": spec.get("image") or default_image,
         "imagePullPolicy": spec.get("imagePullPolicy", "IfNotPresent"),
-        "command": trainer_command(spec, job, service),
+        "command": trainer_command(spec, job_name(owner), service_name(owner)),
         "env": env,
         "resources": _resources(spec),
         "volumeMounts": mounts,
@@ -242,18 +241,38 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         # the trainer's last log lines (its error) become the terminated state's message
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+
+
+def trainer_pod_template(resource: dict, default_image: str = DEFAULT_IMAGE) -> dict:
+    """The trainer's pod template (metadata and spec) as the operator builds it, before the
+    user's spec.podTemplate is merged in."""
+    meta, spec = resource["metadata"], resource["spec"]
+    owner = meta["name"]
+    volumes, mounts = _volumes(spec)
     pod_spec: dict = {
         "serviceAccountName": service_account_name(owner),
         "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "restartPolicy": "Never",
-        "containers": [container],
+        "containers": [_trainer_container(resource, default_image, mounts)],
         "volumes": volumes,
     }
     for key in ("nodeSelector", "tolerations", "priorityClassName"):
         if spec.get(key):
             pod_spec[key] = spec[key]
-    if workers > 1:
-        pod_spec["subdomain"] = service  # pods resolve as <job>-<index>.<service>
+    if int(spec.get("workers", 1)) > 1:
+        pod_spec["subdomain"] = service_name(owner)  # pods resolve as <job>-<index>.<service>
+    return {
+        "metadata": {"labels": labels(owner), "annotations": {TRAINING_ANNOTATION: owner}},
+        "spec": pod_spec,
+    }
+
+
+def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> dict:
+    """The batch/v1 Job that runs the trainer for `resource` (Indexed when workers > 1)."""
+    meta, spec = resource["metadata"], resource["spec"]
+    owner = meta["name"]
+    workers = int(spec.get("workers", 1))
+    template = trainer_pod_template(resource, default_image)
     job_spec: dict = {
         "parallelism": workers,
         "completions": workers,
@@ -261,21 +280,17 @@ def build_training_job(resource: dict, default_image: str = DEFAULT_IMAGE) -> di
         "suspend": bool(spec.get("suspend", False)),
         # a replacement pod (resume after suspend, retry after eviction) starts only once the
         # old trainer has exited: two trainers never share the output directory, and the new
-        # one resumes from the checkpoint the old one saved on SIGTERM (Kubernetes >= 1.29;
-        # older API servers drop the field and replace terminating pods at once)
+        # one resumes from the checkpoint the old one saved on SIGTERM (Kubernetes >= 1.29)
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": _pod_failure_policy(),
-        "template": {
-            "metadata": {"labels": labels(owner), "annotations": {TRAINING_ANNOTATION: owner}},
-            "spec": pod_spec,
-        },
+        "template": pod_template.apply(template, spec.get("podTemplate")),
     }
     if workers > 1:
         job_spec["completionMode"] = "Indexed"
     for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
         if spec.get(key) is not None:
             job_spec[key] = int(spec[key])
-    metadata = _metadata(resource, job)
+    metadata = _metadata(resource, job_name(owner))
     for key in PASSED_LABELS:
         if key in (meta.get("labels") or {}):
             metadata["labels"][key] = meta["labels"][key]

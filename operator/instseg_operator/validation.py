@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from . import pod_template
+
 # resource.Quantity: a signed decimal number with an optional binary, decimal or exponent suffix
 QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
 # a container image reference: [registry[:port]/]path[:tag][@digest], lower-case path
@@ -77,9 +79,13 @@ def _scheduling_problems(spec: dict) -> list[str]:
     return problems
 
 
-def spec_problems(spec: dict) -> list[str]:
-    """Every problem of `spec` the schema cannot catch; empty when the spec is usable."""
+def spec_problems(spec: dict, built_pod: dict | None = None) -> list[str]:
+    """Every problem of `spec` the schema cannot catch; empty when the spec is usable.
+    `built_pod` is the trainer's pod template as the operator builds it, which
+    spec.podTemplate may extend but not change."""
     problems = _quantity_problems(spec) + _scheduling_problems(spec)
+    if built_pod is not None:
+        problems += pod_template.problems(spec.get("podTemplate"), built_pod)
     image = spec.get("image")
     if image is not None and not IMAGE.match(image):
         problems.append(
