@@ -300,3 +300,28 @@ def test_a_pod_template_label_may_not_replace_the_operators() -> None:
     resource = _resource(podTemplate={"metadata": {"labels": {"instseg.io/training": "x"}}})
     found = validation.spec_problems(resource["spec"], trainer_pod_template(resource))
     assert found == ["spec.podTemplate.metadata.labels[instseg.io/training]: the operator sets it"]
+
+
+def test_resources_take_requests_limits_and_any_gpu_resource() -> None:
+    resources = {
+        "gpus": 2, "gpuResource": "amd.com/gpu", "memory": "32Gi",
+        "requests": {"cpu": "4", "ephemeral-storage": "50Gi"},
+        "limits": {"cpu": 8, "rdma/hca_shared_devices_a": "1"},
+    }  # fmt: skip
+    job = build_training_job(_resource(resources=resources))
+    assert _container(job)["resources"] == {
+        "limits": {"amd.com/gpu": "2", "memory": "32Gi", "cpu": "8",
+                   "rdma/hca_shared_devices_a": "1"},
+        "requests": {"memory": "32Gi", "cpu": "4", "ephemeral-storage": "50Gi"},
+    }  # fmt: skip
+    assert "--nproc-per-node" in _container(job)["command"]  # two GPUs, two processes
+    bad = {"gpus": 1, "gpuResource": "gpu", "limits": {"nvidia.com/mig 1g": "1"},
+           "requests": {"cpu": "four"}}  # fmt: skip
+    found = validation.spec_problems(_resource(resources=bad)["spec"])
+    assert found == [
+        "spec.resources.requests[cpu]: 'four' is not a Kubernetes quantity",
+        "spec.resources.limits: 'nvidia.com/mig 1g' is not a resource name: its name must be "
+        "1-63 alphanumerics, '-', '_' or '.', alphanumeric at both ends",
+        "spec.resources.gpuResource: 'gpu' is not an extended resource name (write e.g. "
+        "nvidia.com/gpu, amd.com/gpu or nvidia.com/mig-1g.10gb)",
+    ]

@@ -19,6 +19,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_IMAGE = "ghcr.io/instseg/trainer:0.1.0"
 MASTER_PORT = 29500
+GPU_RESOURCE = "nvidia.com/gpu"  # spec.resources.gpuResource names another (amd.com/gpu, MIG)
 DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/output"
 SHM_MOUNT = "/dev/shm"
@@ -195,21 +196,22 @@ def _volumes(spec: dict) -> tuple[list[dict], list[dict]]:
 
 
 def _resources(spec: dict) -> dict:
+    """cpu and memory as both request and limit, `gpus` of the GPU resource as a limit, then
+    the explicit `requests` and `limits` maps (any resource: MIG profiles, rdma/*,
+    ephemeral-storage) over them."""
     wanted = spec.get("resources") or {}
-    limits: dict[str, object] = {}
-    requests: dict[str, object] = {}
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
     gpus = int(wanted.get("gpus", 1))
     if gpus > 0:
-        limits["nvidia.com/gpu"] = str(gpus)  # a quantity: the API server stores strings
+        # a quantity: the API server stores strings
+        limits[wanted.get("gpuResource") or GPU_RESOURCE] = str(gpus)
     for key in ("cpu", "memory"):
         if wanted.get(key) is not None:
-            requests[key] = limits[key] = wanted[key]
-    out: dict[str, dict] = {}
-    if limits:
-        out["limits"] = limits
-    if requests:
-        out["requests"] = requests
-    return out
+            requests[key] = limits[key] = str(wanted[key])
+    requests.update({k: str(v) for k, v in (wanted.get("requests") or {}).items()})
+    limits.update({k: str(v) for k, v in (wanted.get("limits") or {}).items()})
+    return {kind: values for kind, values in (("limits", limits), ("requests", requests)) if values}
 
 
 def _trainer_container(resource: dict, default_image: str, mounts: list[dict]) -> dict:

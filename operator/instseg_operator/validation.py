@@ -35,14 +35,32 @@ def _label_key_problem(key: str) -> str | None:
 
 
 def _quantity_problems(spec: dict) -> list[str]:
+    resources = spec.get("resources") or {}
     problems = []
     for key in ("cpu", "memory"):
-        value = (spec.get("resources") or {}).get(key)
+        value = resources.get(key)
         if value is not None and not QUANTITY.match(str(value)):
             problems.append(
                 f"spec.resources.{key}: {value!r} is not a Kubernetes quantity "
                 f"(write e.g. {'8 or 500m' if key == 'cpu' else '32Gi or 16000Mi'})"
             )
+    for kind in ("requests", "limits"):
+        for name, value in (resources.get(kind) or {}).items():
+            problem = _label_key_problem(name)  # resource names are shaped like label keys
+            if problem:
+                problems.append(
+                    f"spec.resources.{kind}: {name!r} is not a resource name: {problem}"
+                )
+            if not QUANTITY.match(str(value)):
+                problems.append(
+                    f"spec.resources.{kind}[{name}]: {value!r} is not a Kubernetes quantity"
+                )
+    gpu = resources.get("gpuResource")
+    if gpu and (_label_key_problem(gpu) or "/" not in gpu):
+        problems.append(
+            f"spec.resources.gpuResource: {gpu!r} is not an extended resource name "
+            "(write e.g. nvidia.com/gpu, amd.com/gpu or nvidia.com/mig-1g.10gb)"
+        )
     return problems
 
 
