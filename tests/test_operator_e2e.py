@@ -154,6 +154,8 @@ def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> Non
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Succeeded"]["status"] == "True"
     assert conditions["Running"]["status"] == "False"
+    assert conditions["Created"]["status"] == conditions["Scheduled"]["status"] == "True"
+    cluster.kubectl("wait", "--for=condition=Ready", "ist/shapes-r50", "-n", ns, "--timeout=5s")
     progress = status["progress"]  # written by the trainer in the pod, with its own token
     assert progress["epochText"] == "1/1" and progress["totalEpochs"] == 1
     assert "bestSegmMap" in progress["metrics"]
@@ -308,7 +310,7 @@ def test_pods_that_cannot_start_say_why(cluster: Cluster) -> None:
 
     def reason(name: str) -> str | None:
         conditions = (cluster.get(ns, name).get("status") or {}).get("conditions") or []
-        return next((c["reason"] for c in conditions if c["type"] == "Scheduled"), None)
+        return next((c["reason"] for c in conditions if c["type"] == "Ready"), None)
 
     wait_for("Unschedulable", lambda: reason("nowhere") == "Unschedulable", timeout=60)
     status = cluster.get(ns, "nowhere")["status"]

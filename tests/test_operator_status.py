@@ -126,8 +126,8 @@ def test_failure_message_carries_exit_code_and_advice() -> None:
 def test_conditions_keep_transition_times_until_status_changes() -> None:
     first = build_conditions([], "Pending", "Starting", "waiting", NOW, 1)
     assert {c["type"]: c["status"] for c in first} == {
-        "Scheduled": "False", "Running": "False", "Succeeded": "False", "Failed": "False",
-        "Suspended": "False",
+        "Created": "True", "Scheduled": "False", "Running": "False", "Restarting": "False",
+        "Succeeded": "False", "Failed": "False", "Suspended": "False", "Ready": "False",
     }  # fmt: skip
     second = build_conditions(first, "Running", "Training", "1 pod", LATER, 1)
     by_type = {c["type"]: c for c in second}
@@ -212,3 +212,27 @@ def test_bad_input_fails_at_once_with_the_trainers_own_words() -> None:
     assert message.endswith(
         "last trainer exit code 2: instseg train: error: /data/train: no COCO annotations found"
     )
+
+
+def _conditions(phase: str, reason: str, created: bool = True) -> dict[str, tuple[str, str]]:
+    made = build_conditions([], phase, reason, f"{reason} message", NOW, 1, created)
+    return {c["type"]: (c["status"], c["reason"]) for c in made}
+
+
+def test_conditions_tools_read() -> None:
+    # Ready: the summary kstatus, Argo CD, Flux and `kubectl wait` read
+    assert _conditions("Succeeded", "Completed")["Ready"] == ("True", "Completed")
+    assert _conditions("Running", "Training")["Ready"] == ("False", "Training")
+    before_job = _conditions("Pending", "VolumeNotFound", created=False)
+    assert before_job["Created"] == ("False", "VolumeNotFound")
+    assert _conditions("Pending", "Restarting")["Restarting"] == ("True", "Restarting")
+
+
+@pytest.mark.parametrize("reason", ["OOMKilled", "BackoffLimitExceeded", "InvalidInput"])
+def test_the_scheduling_condition_never_carries_a_trainers_reason(reason: str) -> None:
+    conditions = _conditions("Failed", reason)
+    assert conditions["Scheduled"] == ("True", "PodScheduled")
+    assert conditions["Failed"] == ("True", reason) and conditions["Ready"] == ("False", reason)
+    # and says why a pod is not scheduled yet
+    assert _conditions("Pending", "Unschedulable")["Scheduled"] == ("False", "Unschedulable")
+    assert _conditions("Pending", "QuotaExceeded")["Scheduled"] == ("False", "QuotaExceeded")

@@ -123,7 +123,7 @@ def _set_status(
         "message": message,
         "observedGeneration": generation,
         "conditions": st.build_conditions(
-            previous.get("conditions", []), phase, reason, message, _now(), generation
+            previous.get("conditions", []), phase, reason, message, _now(), generation, False
         ),
     }
     cluster().patch_training_status(meta["namespace"], meta["name"], status)
@@ -367,13 +367,9 @@ def _pod_refusal(job: dict, pods: list[dict]) -> str | None:
 def _announce(training: dict, previous: dict, new: dict, logger: logging.Logger) -> None:
     """An Event (and a log line) per phase change, and one when the API server starts
     refusing the trainer pod."""
-    # the Scheduled condition always carries the reason of the derived phase
-    reason = next(c["reason"] for c in new["conditions"] if c["type"] == "Scheduled")
-    before = previous.get("phase")
-    earlier = [
-        c.get("reason") for c in previous.get("conditions") or [] if c["type"] == "Scheduled"
-    ]
-    refused = reason in st.REFUSAL_REASONS and earlier != [reason]
+    reason, before = st.phase_reason(new), previous.get("phase")
+    earlier = st.phase_reason(previous)
+    refused = reason in st.REFUSAL_REASONS and earlier != reason
     phase = new["phase"]
     if phase == before and not refused:
         return

@@ -15,7 +15,18 @@ PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
     "Failed",
     "Suspended",
 )
-CONDITION_TYPES = ("Scheduled", "Running", "Succeeded", "Failed", "Suspended")
+# Ready is the summary tools read (kstatus, Argo CD, Flux, `kubectl wait`): True once the
+# training succeeded, and always the reason and message of the current phase; the others are
+# the types Kubeflow's training jobs have, plus Scheduled
+CONDITION_TYPES = (
+    "Created", "Scheduled", "Running", "Restarting", "Succeeded", "Failed", "Suspended", "Ready",
+)  # fmt: skip
+# reasons that mean a trainer pod was scheduled: Scheduled is True and never carries them
+POD_REASONS = {
+    "Training", "Finishing", "Completed", "Restarting", "OOMKilled", "BackoffLimitExceeded",
+    "InvalidInput", "DeadlineExceeded", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
+}  # fmt: skip
 # container waiting reasons that mean the pod will not start without the user's help
 STUCK_REASONS = {
     "ErrImagePull",
@@ -43,6 +54,12 @@ REFUSAL_REASONS = {reason for _, reason in REFUSALS} | {"PodCreationFailed"}
 
 def refusal_reason(message: str) -> str:
     return next((reason for text, reason in REFUSALS if text in message), "PodCreationFailed")
+
+
+def phase_reason(status: dict) -> str | None:
+    """The reason of the training's current phase (its Ready condition's)."""
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    return ready[0].get("reason") if ready else None
 
 
 def current_refusal(events: list[dict], pods: list[dict]) -> str | None:
@@ -182,31 +199,52 @@ def derive_phase(
     return PENDING, "Starting", "waiting for the trainer pod to start"
 
 
-def _condition_states(phase: str) -> dict[str, bool]:
+def _condition_states(phase: str, reason: str, created: bool) -> dict[str, bool]:
     return {
-        "Scheduled": phase in (RUNNING, SUCCEEDED, FAILED),
+        "Created": created,
+        "Scheduled": reason in POD_REASONS,
         "Running": phase == RUNNING,
+        "Restarting": reason == "Restarting",
         "Succeeded": phase == SUCCEEDED,
         "Failed": phase == FAILED,
         "Suspended": phase == SUSPENDED,
+        "Ready": phase == SUCCEEDED,
     }
 
 
+def _condition_reason(kind: str, on: bool, reason: str, message: str) -> tuple[str, str]:
+    if kind == "Ready" or (on and kind not in ("Created", "Scheduled")):
+        return reason, message
+    if kind == "Created":
+        return ("JobCreated", "") if on else (reason, message)
+    if kind == "Scheduled":  # why not yet, never a trainer's reason
+        return ("PodScheduled", "") if on else (reason, message)
+    return "NotApplicable", ""
+
+
 def build_conditions(
-    previous: list[dict], phase: str, reason: str, message: str, now: str, generation: int
+    previous: list[dict],
+    phase: str,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int,
+    created: bool = True,
 ) -> list[dict]:
-    """metav1.Condition list; lastTransitionTime moves only when a condition's status does."""
+    """metav1.Condition list; lastTransitionTime moves only when a condition's status does.
+    `created`: whether the training's Job exists."""
     before = {c["type"]: c for c in previous or []}
     conditions = []
-    for kind, on in _condition_states(phase).items():
+    for kind, on in _condition_states(phase, reason, created).items():
         status = "True" if on else "False"
         old = before.get(kind)
+        why, text = _condition_reason(kind, on, reason, message)
         conditions.append(
             {
                 "type": kind,
                 "status": status,
-                "reason": reason if on or kind == "Scheduled" else "NotApplicable",
-                "message": message if on or kind == "Scheduled" else "",
+                "reason": why,
+                "message": text,
                 "lastTransitionTime": (
                     old["lastTransitionTime"] if old and old["status"] == status else now
                 ),
@@ -233,7 +271,7 @@ def training_status(
         "message": message,
         "observedGeneration": generation,
         "conditions": build_conditions(
-            previous.get("conditions", []), phase, reason, message, now, generation
+            previous.get("conditions", []), phase, reason, message, now, generation, job is not None
         ),
     }
     if job is not None:
