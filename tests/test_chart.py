@@ -21,7 +21,7 @@ from instseg_operator import __main__ as operator_cli
 from instseg_operator import manifests as mf
 from instseg_operator.cluster import API_USE
 from instseg_operator.metrics import TrainingMetrics
-from tests.cluster import KubeEnvironment
+from tests.cluster import KubeEnvironment, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "instseg"
@@ -127,6 +127,8 @@ def test_default_render():
     assert _kinds(render(include_crds=True)) == [
         ("ClusterKopfPeering", "instseg"),
         ("ClusterRole", "instseg"),
+        ("ClusterRole", "instseg-edit"),
+        ("ClusterRole", "instseg-view"),
         ("ClusterRoleBinding", "instseg"),
         ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev"),
         ("CustomResourceDefinition", "instancesegtrainings.instseg.io"),
@@ -339,9 +341,16 @@ KOPF_NAMESPACE_LIST = {("", "namespaces"): {"list", "watch"}}
 KOPF_PEERING = {"list", "watch", "patch"}
 
 
+def operator_role(objects: list[dict]) -> dict:
+    """The ClusterRole bound to the operator (the others are for the people who train)."""
+    bound = one(objects, "ClusterRoleBinding")["roleRef"]["name"]
+    (role,) = [o for o in find(objects, "ClusterRole") if o["metadata"]["name"] == bound]
+    return role
+
+
 def _granted(objects: list[dict]) -> dict[tuple[str, str], set[str]]:
     granted: dict[tuple[str, str], set[str]] = {}
-    for rule in one(objects, "ClusterRole")["rules"]:
+    for rule in operator_role(objects)["rules"]:
         assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
@@ -380,11 +389,35 @@ def test_cluster_role_grants_exactly_what_the_operator_uses(namespaces, peering)
 def test_cluster_role_is_bound_to_the_operators_service_account():
     objects = render()
     binding = one(objects, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
+    assert binding["roleRef"]["name"] == operator_role(objects)["metadata"]["name"]
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": NAMESPACE}
     ]
+
+
+def test_namespace_editors_may_train_and_viewers_may_read(kube: KubeEnvironment) -> None:
+    # the chart's aggregated ClusterRoles, folded into edit and view by the real
+    # clusterrole-aggregation controller
+    ns = "team-rbac"
+    binding = lambda user, role: {  # noqa: E731
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": f"{user}-{role}", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }  # fmt: skip
+    kube.kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    kube.kubectl.apply(binding("alice", "edit"), binding("bob", "view"))
+
+    def can(user: str, verb: str) -> bool:
+        answer = kube.kubectl("auth", "can-i", verb, "instancesegtrainings.instseg.io", "-n", ns,
+                              f"--as={user}", check=False)  # fmt: skip
+        return answer.strip().splitlines()[0] == "yes"
+
+    wait_for("edit to include trainings", lambda: can("alice", "create"), timeout=30)
+    assert can("alice", "delete") and can("bob", "list")
+    wait_for("view to include trainings", lambda: can("bob", "get"), timeout=30)
+    assert not can("bob", "create") and not can("bob", "delete")
 
 
 # ------------------------------------------------------------------------ the dashboard
