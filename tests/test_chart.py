@@ -31,6 +31,7 @@ WATCHED = ["team-a", "team-b"]
 # every optional part on, and a namespace list instead of all namespaces
 EVERYTHING = {
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "alerts": {"enabled": True, "labels": {"release": "prom"}},
     "dashboard": {"enabled": True, "namespace": "monitoring"},
     "watchNamespaces": WATCHED,
     "peering": {"priority": 100},
@@ -144,6 +145,7 @@ def test_everything_on_render():
     kinds = _kinds(objects)
     assert ("ServiceMonitor", "instseg") in kinds
     assert ("ConfigMap", "instseg-dashboard") in kinds
+    assert ("PrometheusRule", "instseg") in kinds
     assert ("ClusterKopfPeering", "instseg") not in kinds
     peerings = find(objects, "KopfPeering")
     assert sorted(p["metadata"]["namespace"] for p in peerings) == WATCHED
@@ -157,6 +159,14 @@ def test_rendered_objects_are_valid_kubernetes(values, kube: KubeEnvironment):
     for obj in objects:
         if obj["kind"] == "ServiceMonitor":  # the Prometheus Operator's CRD is not installed
             _check_service_monitor(obj, render(values))
+            continue
+        if obj["kind"] == "PrometheusRule":  # its rules are evaluated by test_operator_e2e
+            assert obj["metadata"]["labels"]["release"] == "prom"
+            assert {r["alert"] for r in obj["spec"]["groups"][0]["rules"]} == {
+                "InstsegTrainingFailed",
+                "InstsegTrainingStalled",
+                "InstsegOperatorDown",
+            }
             continue
         if obj["apiVersion"].startswith("kopf.dev/"):  # custom resources: the server checks
             served.append(obj)

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import signal
+import subprocess
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,16 @@ import yaml
 
 from instseg_operator import manifests as mf
 from instseg_trainer.sample_data import write_sample_dataset
-from tests.cluster import ROOT, KubeEnvironment, OperatorProcess, kubectl_binary, pvc, wait_for
+from tests.cluster import (
+    ROOT,
+    KubeEnvironment,
+    OperatorProcess,
+    free_port,
+    kubectl_binary,
+    pvc,
+    render_chart,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -476,6 +489,110 @@ def test_two_workers_train_together_across_two_pods(cluster: Cluster) -> None:
     run = cluster.local.volume_dir(ns, "instseg-runs") / "shapes-r50"
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["world_size"] for e in events if e["event"] == "start"] == [2]
+
+
+class Prometheus:
+    """Debian's prometheus, scraping the operator as the chart's ServiceMonitor says and
+    evaluating the chart's PrometheusRule."""
+
+    def __init__(self, root: Path, operator: OperatorProcess, objects: list[dict]) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.skip("prometheus not installed: `make tools` installs Debian's as root")
+        monitor = next(o for o in objects if o["kind"] == "ServiceMonitor")
+        (endpoint,) = monitor["spec"]["endpoints"]
+        service = next(o for o in objects if o["kind"] == "Service")
+        groups = next(o for o in objects if o["kind"] == "PrometheusRule")["spec"]["groups"]
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "rules.yml").write_text(yaml.safe_dump({"groups": groups}))
+        # the Prometheus Operator's target labels: namespace, service, job = the Service
+        target = {"namespace": service["metadata"]["namespace"],
+                  "service": service["metadata"]["name"]}  # fmt: skip
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(root / "rules.yml")],
+            "scrape_configs": [{
+                "job_name": service["metadata"]["name"],
+                "honor_labels": endpoint.get("honorLabels", False),
+                "metrics_path": endpoint["path"],
+                "static_configs": [{"targets": [f"127.0.0.1:{operator.metrics_port}"],
+                                    "labels": target}],
+            }],
+        }  # fmt: skip
+        (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={root / 'prometheus.yml'}",
+             f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address={self.url[7:]}"],
+            stdout=(root / "prometheus.log").open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def api(self, path: str, **query: str) -> object:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            answer = json.loads(response.read())
+        assert answer["status"] == "success", answer
+        return answer["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def dashboard_queries(objects: list[dict], namespace: str, name: str) -> list[str]:
+    """Every PromQL expression of the chart's Grafana dashboard, for one training."""
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap")
+    (text,) = config_map["data"].values()
+    panels = json.loads(text)["panels"]
+    exprs = [target["expr"] for panel in panels for target in panel.get("targets", [])]
+    return [e.replace("$namespace", namespace).replace("$training", name) for e in exprs]
+
+
+def test_prometheus_scrapes_every_dashboard_series_and_evaluates_the_alerts(
+    cluster: Cluster,
+) -> None:
+    objects = render_chart(
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "alerts.enabled=true",
+        "--set",
+        "dashboard.enabled=true",
+    )
+    prometheus = Prometheus(cluster.root / "prometheus", cluster.operator, objects)
+    try:
+        ns = cluster.namespace("monitored")
+        cluster.kubectl.apply(pvc("empty", ns))
+        broken = training("broken", ns)
+        broken["spec"]["data"] = {"train": {"claimName": "empty"}, "val": {"claimName": "empty"}}
+        cluster.kubectl.apply(training("watched", ns), broken)
+        cluster.wait_phase(ns, "broken", "Failed")
+        cluster.wait_phase(ns, "watched", "Succeeded")
+        epoch = f'instseg_training_epoch{{namespace="{ns}",name="watched"}}'
+        wait_for("Prometheus to scrape the training", lambda: prometheus.query(epoch), 60,
+                 ignore=(OSError,))  # fmt: skip
+        for expr in dashboard_queries(objects, ns, "watched"):
+            result = wait_for(f"a series for {expr}", lambda e=expr: prometheus.query(e), 30)
+            for series in result:  # the training's own namespace label, not the operator's
+                assert series["metric"].get("namespace", ns) == ns, (expr, series)
+        values = prometheus.api("label/namespace/values", **{"match[]": "instseg_training_epoch"})
+        assert ns in values  # the dashboard's namespace variable lists the training's namespace
+
+        def alerts() -> dict[str, list[dict]]:
+            groups = prometheus.api("rules", type="alert")["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            assert all(r["health"] == "ok" for r in rules), rules
+            return {r["name"]: r["alerts"] for r in rules if r["lastEvaluation"][:4] != "0001"}
+
+        fired = wait_for("the failed training's alert",
+                         lambda: alerts().get("InstsegTrainingFailed"), 30)  # fmt: skip
+        assert {(a["labels"]["namespace"], a["labels"]["name"]) for a in fired} >= {(ns, "broken")}
+        assert not alerts()["InstsegTrainingStalled"] and not alerts()["InstsegOperatorDown"]
+    finally:
+        prometheus.stop()
 
 
 def test_a_second_replica_stays_idle_then_takes_over(cluster: Cluster) -> None:

@@ -78,3 +78,21 @@ def test_a_changed_template_leaves_no_stale_series() -> None:
     text = generate_latest(registry).decode()
     assert 'template="MaskRCNN-ResNet50"' not in text
     assert 'instseg_training_loss{name="a",namespace="team-a",template="MaskRCNN-ConvNeXt"}' in text
+
+
+def test_each_training_has_its_phase_and_last_progress_for_alerts() -> None:
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry)
+    progress = {"epoch": 1, "totalEpochs": 4, "updatedAt": "2026-11-30T10:00:00Z"}
+    metrics.observe(_training("a", "Running", progress))
+    labels = {"namespace": "team-a", "name": "a", "template": "MaskRCNN-ResNet50"}
+    assert _value(registry, "instseg_training_phase", **labels, phase="Running") == 1
+    assert _value(registry, "instseg_training_phase", **labels, phase="Failed") == 0
+    stamp = _value(registry, "instseg_training_last_progress_timestamp_seconds", **labels)
+    assert stamp == 1796032800.0  # 2026-11-30T10:00:00Z
+    metrics.observe(_training("a", "Failed", progress))
+    assert _value(registry, "instseg_training_phase", **labels, phase="Failed") == 1
+    assert _value(registry, "instseg_training_phase", **labels, phase="Running") == 0
+    metrics.forget("team-a", "a")
+    assert _value(registry, "instseg_training_phase", **labels, phase="Failed") is None
+    assert _value(registry, "instseg_training_last_progress_timestamp_seconds", **labels) is None

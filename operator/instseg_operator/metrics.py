@@ -7,6 +7,7 @@ goes away, so Grafana never shows a deleted training as stuck.
 from __future__ import annotations
 
 import contextlib
+import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -52,6 +53,16 @@ class TrainingMetrics:
             field: Gauge(name, doc, TRAINING_LABELS, **kwargs)
             for field, (name, doc) in {**PROGRESS_GAUGES, **METRIC_GAUGES}.items()
         }
+        # one series per training, 1 for its current phase (as kube-state-metrics does for pods):
+        # alerts name the training
+        self.phase = Gauge(
+            "instseg_training_phase", "1 for the training's current phase",
+            [*TRAINING_LABELS, "phase"], **kwargs,
+        )  # fmt: skip
+        self.last_progress = Gauge(
+            "instseg_training_last_progress_timestamp_seconds",
+            "When the trainer last reported progress (Unix time)", TRAINING_LABELS, **kwargs,
+        )  # fmt: skip
         self.reconcile_seconds = Histogram(
             "instseg_reconcile_duration_seconds", "Time spent in one reconcile", **kwargs
         )
@@ -85,7 +96,13 @@ class TrainingMetrics:
         if phase and phase != self._phases.get(key):
             self._phases[key] = phase
             self._count_phases()
+        if phase:
+            for each in PHASES:
+                self.phase.labels(*labels, each).set(int(each == phase))
         progress = status.get("progress") or {}
+        if progress.get("updatedAt"):
+            updated = datetime.datetime.fromisoformat(progress["updatedAt"].replace("Z", "+00:00"))
+            self.last_progress.labels(*labels).set(updated.timestamp())
         values = {**progress, **(progress.get("metrics") or {})}
         for field, gauge in self.gauges.items():
             if isinstance(values.get(field), (int, float)):
@@ -104,9 +121,12 @@ class TrainingMetrics:
         self._count_phases()
 
     def _remove_series(self, labels: tuple[str, str, str]) -> None:
-        for gauge in [*self.gauges.values(), self.progress_ratio]:
+        for gauge in [*self.gauges.values(), self.progress_ratio, self.last_progress]:
             with contextlib.suppress(KeyError):  # never set for this training
                 gauge.remove(*labels)
+        for phase in PHASES:
+            with contextlib.suppress(KeyError):
+                self.phase.remove(*labels, phase)
 
     def _count_phases(self) -> None:
         for phase in PHASES:
