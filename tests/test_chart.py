@@ -358,14 +358,22 @@ def operator_role(objects: list[dict]) -> dict:
     return role
 
 
-def _granted(objects: list[dict]) -> dict[tuple[str, str], set[str]]:
+def _granted(role: dict) -> dict[tuple[str, str], set[str]]:
     granted: dict[tuple[str, str], set[str]] = {}
-    for rule in operator_role(objects)["rules"]:
+    for rule in role["rules"]:
         assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
     return granted
+
+
+# what the operator needs cluster-wide even when it serves a list of namespaces
+CLUSTER_SCOPED = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"),
+    ("", "namespaces"),
+    ("kopf.dev", "clusterkopfpeerings"),
+}
 
 
 def _needed(namespaces: list[str], peering: bool) -> dict[tuple[str, str], set[str]]:
@@ -393,7 +401,28 @@ def _needed(namespaces: list[str], peering: bool) -> dict[tuple[str, str], set[s
 )
 def test_cluster_role_grants_exactly_what_the_operator_uses(namespaces, peering):
     objects = render({"watchNamespaces": namespaces, "peering": {"enabled": peering}})
-    assert _granted(objects) == _needed(namespaces, peering)
+    needed = _needed(namespaces, peering)
+    if not namespaces:
+        assert _granted(operator_role(objects)) == needed
+        assert not find(objects, "Role") and not find(objects, "RoleBinding")
+        return
+    # a namespace list: only what is cluster-wide in the ClusterRole, the rest in a Role
+    # bound to the operator in each watched namespace
+    cluster_wide = {k: v for k, v in needed.items() if k in CLUSTER_SCOPED}
+    assert _granted(operator_role(objects)) == cluster_wide
+    roles = {r["metadata"]["namespace"]: r for r in find(objects, "Role")}
+    assert sorted(roles) == sorted(namespaces)
+    namespaced = {k: v for k, v in needed.items() if k not in CLUSTER_SCOPED}
+    for role in roles.values():
+        assert _granted(role) == namespaced
+    account = one(objects, "ClusterRoleBinding")["subjects"]
+    for binding in find(objects, "RoleBinding"):
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": roles[binding["metadata"]["namespace"]]["metadata"]["name"],
+        }
+        assert binding["subjects"] == account
 
 
 def test_cluster_role_is_bound_to_the_operators_service_account():
