@@ -192,6 +192,8 @@ def test_a_refusal_ends_once_a_pod_is_created_after_it() -> None:
     event = {"reason": "FailedCreate", "message": REFUSED["QuotaExceeded"],
              "lastTimestamp": NOW}  # fmt: skip
     assert current_refusal([event], []) == REFUSED["QuotaExceeded"]
+    prefixed = {**event, "message": "Error creating: " + REFUSED["QuotaExceeded"]}
+    assert current_refusal([prefixed], []) == REFUSED["QuotaExceeded"]  # the Job controller's
     later = pod("Failed")
     later["metadata"]["creationTimestamp"] = LATER
     assert current_refusal([event], [later]) is None

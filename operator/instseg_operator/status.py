@@ -77,7 +77,8 @@ def current_refusal(events: list[dict], pods: list[dict]) -> str | None:
     created = [((p.get("metadata") or {}).get("creationTimestamp") or "")[:19] for p in pods]
     if any(stamp >= when(latest)[:19] for stamp in created):
         return None
-    return latest.get("message") or "the Job controller could not create the trainer pod"
+    message = latest.get("message") or "the Job controller could not create the trainer pod"
+    return message.removeprefix("Error creating: ")  # the Job controller's own prefix
 
 
 def _job_condition(job: dict, kind: str) -> dict | None:
