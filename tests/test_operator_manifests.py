@@ -115,15 +115,14 @@ def test_multi_node_is_an_indexed_job_with_torchrun_and_a_headless_service() -> 
     assert pod["subdomain"] == "shapes-r50-workers"
     command = _container(job)["command"]
     assert command[0] == "torchrun"
-    flags = dict(zip(command[1:13:2], command[2:13:2]))
+    flags = dict(zip(command[1:15:2], command[2:15:2]))
+    # elastic rendezvous on worker 0: a lost worker's replacement joins the survivors
     assert flags == {
-        "--nnodes": "2", "--nproc-per-node": "4", "--node-rank": "$(JOB_COMPLETION_INDEX)",
-        "--master-addr": "shapes-r50-train-0.shapes-r50-workers", "--master-port": "29500",
-        "-m": "instseg_trainer.cli",
+        "--nnodes": "2", "--nproc-per-node": "4", "--rdzv-backend": "c10d",
+        "--rdzv-endpoint": "shapes-r50-train-0.shapes-r50-workers:29500",
+        "--rdzv-id": "shapes-r50-train", "--max-restarts": "3", "-m": "instseg_trainer.cli",
     }  # fmt: skip
     build_parser().parse_args(command[command.index("instseg_trainer.cli") + 1 :])
-    env = {e["name"] for e in _container(job)["env"]}
-    assert "JOB_COMPLETION_INDEX" in env  # so that $(JOB_COMPLETION_INDEX) expands
     service = build_headless_service(resource)
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True

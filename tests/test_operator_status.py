@@ -238,3 +238,9 @@ def test_the_scheduling_condition_never_carries_a_trainers_reason(reason: str) -
     # and says why a pod is not scheduled yet
     assert _conditions("Pending", "Unschedulable")["Scheduled"] == ("False", "Unschedulable")
     assert _conditions("Pending", "QuotaExceeded")["Scheduled"] == ("False", "QuotaExceeded")
+
+
+def test_status_counts_the_trainer_pods_that_failed() -> None:
+    retried = training_status(job(active=1, failed=2, start=NOW), [pod("Running")], {}, 1, NOW)
+    assert retried["restarts"] == 2 and retried["phase"] == "Running"
+    assert "restarts" not in training_status(None, [], {}, 1, NOW)

@@ -19,6 +19,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_IMAGE = "ghcr.io/instseg/trainer:0.1.0"
 MASTER_PORT = 29500
+# how often the surviving workers of a multi-node training restart together (a worker pod
+# died and was replaced) before their pods fail and the Job's backoffLimit takes over
+MAX_GROUP_RESTARTS = 3
 GPU_RESOURCE = "nvidia.com/gpu"  # spec.resources.gpuResource names another (amd.com/gpu, MIG)
 DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/output"
@@ -159,13 +162,20 @@ def trainer_command(spec: dict, job: str, service: str) -> list[str]:
     gpus = int((spec.get("resources") or {}).get("gpus", 1))
     if workers == 1 and gpus <= 1:
         return ["instseg", *train]
+    if workers == 1:
+        rendezvous = ["--standalone"]
+    else:
+        # elastic rendezvous hosted by worker 0's agent: when a worker pod dies, the others
+        # restart their processes and wait for its replacement, and all resume from last.pt
+        rendezvous = [
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{job}-0.{service}:{MASTER_PORT}",
+            "--rdzv-id", job, "--max-restarts", str(MAX_GROUP_RESTARTS),
+        ]  # fmt: skip
     return [
         "torchrun",
         "--nnodes", str(workers),
         "--nproc-per-node", str(max(gpus, 1)),
-        "--node-rank", "$(JOB_COMPLETION_INDEX)" if workers > 1 else "0",
-        "--master-addr", f"{job}-0.{service}" if workers > 1 else "127.0.0.1",
-        "--master-port", str(MASTER_PORT),
+        *rendezvous,
         "-m", "instseg_trainer.cli",
         *train,
     ]  # fmt: skip

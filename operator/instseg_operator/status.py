@@ -277,6 +277,9 @@ def training_status(
     }
     if job is not None:
         status["jobName"] = job["metadata"]["name"]
+        # trainer pods that failed and were replaced (a lost worker of a multi-node training
+        # included); evictions and preemptions are not failures
+        status["restarts"] = int(job_status.get("failed") or 0)
     if job_status.get("startTime"):
         status["startTime"] = job_status["startTime"]
     if phase in (SUCCEEDED, FAILED):
