@@ -358,7 +358,9 @@ def _pod_refusal(job: dict, pods: list[dict]) -> str | None:
         c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
         for c in status.get("conditions") or []
     )
-    if live or finished or spec.get("suspend"):
+    # a refused pod leaves a Job the Job controller has synced (startTime) short of pods
+    waiting = status.get("startTime") and (status.get("active") or 0) < spec.get("parallelism", 1)
+    if live or finished or spec.get("suspend") or not waiting:
         return None
     meta = job["metadata"]
     return st.current_refusal(cluster().failed_creates(meta["namespace"], meta["uid"]), pods)
