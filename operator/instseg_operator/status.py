@@ -126,6 +126,23 @@ def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
     return None
 
 
+def _failure(failed: dict, pods: list[dict]) -> tuple[str, str, str]:
+    """(Failed, reason, message) from the Job's failure condition and the trainer's exit."""
+    reason = failed.get("reason", "Failed")
+    message = failed.get("message", "the training Job failed")
+    if reason == "PodFailurePolicy":  # the FailJob rule: the trainer's exit for bad input
+        reason = "InvalidInput"
+        message = "the trainer stopped on a problem with its input; a retry cannot fix it"
+    terminated = _last_termination(pods)
+    if terminated:
+        detail = f"last trainer exit code {terminated.get('exitCode')}"
+        if terminated.get("reason") == "OOMKilled":
+            reason, detail = "OOMKilled", detail + " (OOMKilled: raise spec.resources.memory)"
+        said = _last_line(terminated.get("message"))
+        message = f"{message}; {detail}" + (f": {said}" if said else "")
+    return FAILED, reason, message
+
+
 def derive_phase(
     job: dict | None,
     pods: list[dict],
@@ -142,19 +159,7 @@ def derive_phase(
     # once the pods are gone: both mean the outcome is decided
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
     if failed:
-        reason = failed.get("reason", "Failed")
-        message = failed.get("message", "the training Job failed")
-        if reason == "PodFailurePolicy":  # the FailJob rule: the trainer's exit for bad input
-            reason = "InvalidInput"
-            message = "the trainer stopped on a problem with its input; a retry cannot fix it"
-        terminated = _last_termination(pods)
-        if terminated:
-            detail = f"last trainer exit code {terminated.get('exitCode')}"
-            if terminated.get("reason") == "OOMKilled":
-                reason, detail = "OOMKilled", detail + " (OOMKilled: raise spec.resources.memory)"
-            said = _last_line(terminated.get("message"))
-            message = f"{message}; {detail}" + (f": {said}" if said else "")
-        return FAILED, reason, message
+        return _failure(failed, pods)
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         return SUCCEEDED, "Completed", "training finished"
     spec, status = job.get("spec") or {}, job.get("status") or {}
