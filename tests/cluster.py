@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.kube.controlplane import free_port, write_kubeconfig
 from tests.kube.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +29,6 @@ OPERATOR_NAMESPACE = "instseg-system"
 # what the operator needs from the chart; its Deployment is replaced by a local process
 CHART_KINDS = {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
                "Role", "RoleBinding", "ClusterKopfPeering", "KopfPeering"}  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(
@@ -174,22 +168,8 @@ def install_chart(cluster: LocalCluster, kubectl: Kubectl, *values: str) -> Path
     (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
     name = account["metadata"]["name"]
     token = kubectl("create", "token", name, "-n", OPERATOR_NAMESPACE, "--duration=24h").strip()
-    return write_token_kubeconfig(cluster, kubectl.cache.parent / "operator.kubeconfig", token)
-
-
-def write_token_kubeconfig(cluster: LocalCluster, path: Path, token: str) -> Path:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {
-            "server": cluster.server,
-            "certificate-authority": str(cluster.control_plane.ca.cert)}}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "local", "context": {"cluster": "local", "user": "operator"}}],
-        "current-context": "local",
-    }  # fmt: skip
-    path.write_text(yaml.safe_dump(config))
-    return path
+    path = kubectl.cache.parent / "operator.kubeconfig"
+    return write_kubeconfig(path, cluster.server, cluster.control_plane.ca.cert, token)
 
 
 @dataclass

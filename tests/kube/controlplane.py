@@ -52,24 +52,24 @@ def control_plane_binary() -> Path:
     raise ControlPlaneError(f"{BINARY} is missing: {hint} (it builds the Kubernetes control plane)")
 
 
-def write_kubeconfig(path: Path, server: str, ca: Path, client: KeyPair, namespace="default"):
-    """A kubeconfig with one cluster, one client-certificate user and one context."""
+def write_kubeconfig(path: Path, server: str, ca: Path, credentials: KeyPair | str) -> Path:
+    """A kubeconfig with one cluster, one user (a client certificate, or a bearer token) and
+    one context in namespace default."""
+    if isinstance(credentials, KeyPair):
+        user = {"client-certificate": str(credentials.cert), "client-key": str(credentials.key)}
+    else:
+        user = {"token": credentials}
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
             {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}
         ],
-        "users": [
-            {
-                "name": "user",
-                "user": {"client-certificate": str(client.cert), "client-key": str(client.key)},
-            }
-        ],
+        "users": [{"name": "user", "user": user}],
         "contexts": [
             {
                 "name": "local",
-                "context": {"cluster": "local", "user": "user", "namespace": namespace},
+                "context": {"cluster": "local", "user": "user", "namespace": "default"},
             }
         ],
         "current-context": "local",
