@@ -38,30 +38,26 @@ OWNED_TRAINER_FIELDS = {
 }
 
 
-def _merge_lists(base: list, overlay: list, key: str) -> list:
-    merged = [copy.deepcopy(item) for item in base]
-    index = {item.get(key): i for i, item in enumerate(merged) if isinstance(item, dict)}
+def _merge_list_into(target: list, overlay: list, key: str) -> None:
+    index = {item.get(key): i for i, item in enumerate(target) if isinstance(item, dict)}
     for item in overlay:
         if isinstance(item, dict) and item.get(key) in index:
-            position = index[item[key]]
-            merged[position] = merge(merged[position], item)
+            _merge_into(target[index[item[key]]], item)
         else:
-            merged.append(copy.deepcopy(item))
-    return merged
+            target.append(copy.deepcopy(item))
 
 
-def merge(base: dict, overlay: dict) -> dict:
-    """`overlay` merged over `base` (strategic-merge style; neither is changed)."""
-    merged = copy.deepcopy(base)
+def _merge_into(target: dict, overlay: dict) -> None:
+    """Merges `overlay` into `target` in place (strategic-merge style); `overlay` is copied,
+    never shared."""
     for key, value in overlay.items():
-        current = merged.get(key)
+        current = target.get(key)
         if key in MERGE_KEYS and isinstance(current, list) and isinstance(value, list):
-            merged[key] = _merge_lists(current, value, MERGE_KEYS[key])
+            _merge_list_into(current, value, MERGE_KEYS[key])
         elif isinstance(current, dict) and isinstance(value, dict):
-            merged[key] = merge(current, value)
+            _merge_into(current, value)
         else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+            target[key] = copy.deepcopy(value)
 
 
 def _trainer_overlay(spec: dict) -> dict:
@@ -119,5 +115,5 @@ def apply(pod_template: dict, template: dict | None) -> dict:
         if metadata.get(key):
             merged["metadata"][key] = {**metadata[key], **merged["metadata"].get(key, {})}
     if template.get("spec"):
-        merged["spec"] = merge(merged["spec"], template["spec"])
+        _merge_into(merged["spec"], template["spec"])
     return merged
