@@ -46,7 +46,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/instseg
 WORKDIR /home/instseg
 USER 10001:10001
-# the operator's Jobs run `instseg train ...`, or `torchrun ... -m instseg_trainer.cli train`
+# the operator's Jobs run `instseg train ...`, or, for several processes, torchrun through
+# `python -m instseg_trainer.launch ... -m instseg_trainer.cli train ...`
 ENTRYPOINT ["instseg"]
 CMD ["--help"]
 

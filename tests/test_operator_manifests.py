@@ -114,9 +114,9 @@ def test_multi_node_is_an_indexed_job_with_torchrun_and_a_headless_service() -> 
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == "shapes-r50-workers"
     command = _container(job)["command"]
-    assert command[0] == "torchrun"
-    flags = dict(zip(command[1:15:2], command[2:15:2]))
-    # elastic rendezvous on worker 0: a lost worker's replacement joins the survivors
+    assert command[:3] == ["python", "-m", "instseg_trainer.launch"]  # torchrun, rejoining
+    flags = dict(zip(command[3:17:2], command[4:17:2]))
+    # elastic rendezvous hosted on worker 0
     assert flags == {
         "--nnodes": "2", "--nproc-per-node": "4", "--rdzv-backend": "c10d",
         "--rdzv-endpoint": "shapes-r50-train-0.shapes-r50-workers:29500",

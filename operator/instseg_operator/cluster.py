@@ -43,6 +43,9 @@ API_USE = {
     (mf.GROUP, f"{mf.PLURAL}/finalizers"): {"update"},
     ("batch", "jobs"): {"list", "watch", "get", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},  # status is derived from the Job's pods (kopf's index)
+    # create: a multi-node training whose worker ended evicts the others, so that the group
+    # restarts together (group.py); evictions do not count against the Job's backoffLimit
+    ("", "pods/eviction"): {"create"},
     ("", "persistentvolumeclaims"): {"get"},  # data and output volumes must exist
     ("", "serviceaccounts"): {"get", "create"},
     ("", "services"): {"get", "create"},  # headless Service of multi-node trainings
@@ -146,6 +149,21 @@ class Cluster:
         except ApiError as e:
             if e.status != 404:
                 raise
+
+    def evict(self, namespace: str, pod: str) -> bool:
+        """Evicts a pod through the Eviction API (graceful, with the DisruptionTarget
+        condition). False when a PodDisruptionBudget refuses it now (429); a pod already gone
+        counts as evicted."""
+        body = {"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": pod, "namespace": namespace}}  # fmt: skip
+        try:
+            self._call("POST", self._path("Pod", namespace, pod, sub="eviction"), body=body)
+        except ApiError as e:
+            if e.status == 429:
+                return False
+            if e.status != 404:
+                raise
+        return True
 
     def patch_training_status(self, namespace: str, name: str, status: dict) -> dict:
         return self.patch(mf.KIND, namespace, name, {"status": status}, sub="status")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import kopf
 from prometheus_client import start_http_server
 
+from . import group
 from . import manifests as mf
 from . import status as st
 from .cluster import ApiError, Cluster, load_config
@@ -340,6 +341,7 @@ def refresh(namespace: str, name: str, children: Children, logger: logging.Logge
         previous = training.get("status") or {}
         generation = training["metadata"].get("generation", 1)
         user_suspend = bool(training["spec"].get("suspend", False))
+        _restart_group(training, job, pods, logger)
         refusal = _pod_refusal(job, pods)
         new = st.training_status(job, pods, previous, generation, _now(), user_suspend, refusal)
         if {k: previous.get(k) for k in new} == new:
@@ -347,6 +349,27 @@ def refresh(namespace: str, name: str, children: Children, logger: logging.Logge
         cluster().patch_training_status(namespace, name, new)
         _announce(training, previous, new, logger)
     return True
+
+
+def _restart_group(training: dict, job: dict, pods: list[dict], logger: logging.Logger) -> None:
+    """One worker of a multi-node training ended: the others are evicted, so that the whole
+    group restarts from the checkpoint (group.py), and the Job records the restart."""
+    restart = group.pending_restart(job, pods)
+    if restart is None:
+        return
+    meta = job["metadata"]
+    refused = [p["metadata"]["name"] for p in restart.stale
+               if not cluster().evict(meta["namespace"], p["metadata"]["name"])]  # fmt: skip
+    if refused:  # a PodDisruptionBudget: tried again on the next event or resync
+        logger.warning("%s/%s: eviction refused for now: %s", meta["namespace"], meta["name"],
+                       ", ".join(refused))  # fmt: skip
+        return
+    annotation = {group.RESTART_ANNOTATION: group.format_time(restart.at)}
+    cluster().patch("Job", meta["namespace"], meta["name"],
+                    {"metadata": {"annotations": annotation}})  # fmt: skip
+    if restart.stale:
+        logger.info("%s/%s: %s", meta["namespace"], meta["name"], restart.describe())
+        kopf.event(training, type="Normal", reason="RestartingGroup", message=restart.describe())
 
 
 def _pod_refusal(job: dict, pods: list[dict]) -> str | None:

@@ -46,6 +46,9 @@ CONTAINER_SECURITY_CONTEXT = {
 }
 # the trainer's exit code for bad input (its data, its flags): retrying cannot help
 TRAINER_USER_ERROR_EXIT_CODE = 2
+# torchrun, joining the rendezvous again while worker 0 is replaced, and passing the trainer's
+# bad-input exit code on
+LAUNCHER = ["python", "-m", "instseg_trainer.launch"]
 MAX_NAME = 56
 MAX_LABEL = 63
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -144,8 +147,9 @@ def _metadata(resource: dict, name: str) -> dict:
 
 
 def trainer_command(spec: dict, job: str, service: str) -> list[str]:
-    """The container command: `instseg train ...`, under torchrun when more than one
-    process trains (several GPUs per pod, or several pods)."""
+    """The container command: `instseg train ...`, under torchrun (through the trainer's
+    launcher, instseg_trainer/launch.py) when more than one process trains (several GPUs per
+    pod, or several pods)."""
     train = [
         "train",
         spec["template"],
@@ -165,14 +169,14 @@ def trainer_command(spec: dict, job: str, service: str) -> list[str]:
     if workers == 1:
         rendezvous = ["--standalone"]
     else:
-        # elastic rendezvous hosted by worker 0's agent: when a worker pod dies, the others
-        # restart their processes and wait for its replacement, and all resume from last.pt
+        # elastic rendezvous hosted by worker 0's agent; when a worker pod ends, the operator
+        # restarts the whole group (group.py) and all resume from last.pt
         rendezvous = [
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{job}-0.{service}:{MASTER_PORT}",
             "--rdzv-id", job, "--max-restarts", str(MAX_GROUP_RESTARTS),
         ]  # fmt: skip
     return [
-        "torchrun",
+        *LAUNCHER,
         "--nnodes", str(workers),
         "--nproc-per-node", str(max(gpus, 1)),
         *rendezvous,
