@@ -14,6 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.kube.identity import (
+    Identity,
+    RunAsRootRefused,
+    apply_fs_group,
+    container_identity,
+    exec_prefix,
+    image_view_lines,
+)
 from tests.kube.kubelet import (
     DirectoryProvisioner,
     Mount,
@@ -201,3 +209,52 @@ def test_log_tail_is_what_fallback_to_logs_on_error_reports(tmp_path):
     log.write_text("x" * 5000 + "\nlast\n")
     assert len(log_tail(log).encode()) <= 2048 and log_tail(log).endswith("last")
     assert log_tail(tmp_path / "missing.log") == ""
+
+
+def test_identity_takes_the_containers_settings_over_the_pods() -> None:
+    spec = {"securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000,
+                                "supplementalGroups": [3000, 2000]}}  # fmt: skip
+    container = {"securityContext": {"runAsUser": 10001, "allowPrivilegeEscalation": False}}
+    identity = container_identity(spec, container)
+    assert identity == Identity(10001, 1000, (2000, 3000), no_new_privs=True)
+    assert exec_prefix("/usr/bin/setpriv", identity) == [
+        "/usr/bin/setpriv", "--reuid=10001", "--regid=1000", "--groups=2000,3000",
+        "--no-new-privs", "--",
+    ]  # fmt: skip
+    assert exec_prefix("/usr/bin/setpriv", container_identity({}, {})) == []  # root, as is
+    # without runAsGroup, a container's primary group is root's
+    assert container_identity({"securityContext": {"runAsUser": 5}}, {}).gid == 0
+    with pytest.raises(RunAsRootRefused, match="runAsNonRoot and image will run as root"):
+        container_identity({"securityContext": {"runAsNonRoot": True}}, {})
+
+
+def test_fs_group_gives_a_volume_to_the_group_once_with_on_root_mismatch(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir(mode=0o755)
+    (tmp_path / "runs" / "last.pt").write_bytes(b"x")
+    (tmp_path / "runs" / "last.pt").chmod(0o600)
+    apply_fs_group(tmp_path, 4242, "OnRootMismatch", read_only=False)
+    for path in (tmp_path, tmp_path / "runs"):
+        info = path.stat()
+        assert info.st_gid == 4242 and info.st_mode & 0o2070 == 0o2070
+    assert (tmp_path / "runs" / "last.pt").stat().st_mode & 0o777 == 0o660
+    (tmp_path / "later.pt").write_bytes(b"y")
+    (tmp_path / "later.pt").chmod(0o600)
+    apply_fs_group(tmp_path, 4242, "OnRootMismatch", read_only=False)  # the root matches
+    assert (tmp_path / "later.pt").stat().st_mode & 0o777 == 0o600
+    apply_fs_group(tmp_path, 4242, None, read_only=False)  # Always: every file again
+    assert (tmp_path / "later.pt").stat().st_mode & 0o777 == 0o660
+
+
+def test_a_closed_directory_above_the_image_is_covered_for_other_users(tmp_path: Path) -> None:
+    home = tmp_path / "root"
+    prefix = home / ".pyenv" / "versions" / "3.11"
+    (prefix / "bin").mkdir(parents=True)
+    home.chmod(0o700)
+    lines = image_view_lines([str(prefix), str(prefix / "bin"), "/usr"], "/stage")
+    # the highest closed directory: `home`, or one above it (pytest's base is 0700 too)
+    closed = next(p for p in reversed(prefix.parents) if not p.stat().st_mode & 0o001)
+    assert home.is_relative_to(closed)
+    inside = f"/stage/0/{prefix.relative_to(closed)}"  # the prefix only; bin comes with it
+    assert lines == [
+        f"mkdir -p {inside}", f"mount --rbind {prefix} {inside}", f"mount --rbind /stage/0 {closed}"
+    ]  # fmt: skip

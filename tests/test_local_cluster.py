@@ -13,6 +13,12 @@ import pytest
 
 from tests.cluster import KubeEnvironment, pvc, wait_for
 
+# a process that is not root: who it is, then a write to the volume's root
+WRITER = (
+    "import os, pathlib; print('identity', os.getuid(), os.getgid(), sorted(os.getgroups()));"
+    " pathlib.Path('/out/written').write_text('ok')"
+)
+
 NAMESPACE = "local-cluster"
 # the pod's own view: env, its mounts, and an in-cluster API call with its token
 PROBE = textwrap.dedent(
@@ -35,6 +41,7 @@ def namespace(kube: KubeEnvironment) -> str:
     kube.kubectl.apply(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
         pvc("work", NAMESPACE),
+        pvc("block", NAMESPACE),  # root-owned 0755, like a fresh block device
         # the probe reads its own pod through the API, as the trainer patches its training
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": {"name": "view", "namespace": NAMESPACE},
@@ -115,3 +122,59 @@ def test_deleting_a_pod_stops_its_process_gracefully(kube: KubeEnvironment, name
     wait_for("the sleeper to trap SIGTERM", lambda: (work / "ready").is_file(), 60)
     kube.kubectl("delete", "pod", "sleeper", "-n", namespace, "--timeout=60s")
     assert (work / "term").read_text() == "1"
+
+
+def non_root_pod(name: str, fs_group: int | None) -> dict:
+    context = {"runAsUser": 10001, "runAsGroup": 10001, "runAsNonRoot": True}
+    if fs_group is not None:
+        context |= {"fsGroup": fs_group, "fsGroupChangePolicy": "OnRootMismatch"}
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "restartPolicy": "Never", "securityContext": context,
+            "containers": [{
+                "name": "writer", "image": "python:3.11",
+                "command": [sys.executable, "-c", WRITER],
+                "securityContext": {"allowPrivilegeEscalation": False},
+                "volumeMounts": [{"name": "block", "mountPath": "/out"}],
+            }],
+            "volumes": [{"name": "block", "persistentVolumeClaim": {"claimName": "block"}}],
+        },
+    }  # fmt: skip
+
+
+def test_a_non_root_pod_writes_to_a_root_owned_volume_only_through_fs_group(
+    kube: KubeEnvironment, namespace: str
+) -> None:
+    block = kube.cluster.volume_dir(namespace, "block")
+    kube.kubectl.apply(non_root_pod("no-fs-group", None))
+    assert wait_for("the pod without fsGroup", lambda: pod_phase(kube, "no-fs-group"), 60) \
+        == "Failed"  # fmt: skip
+    log = kube.kubectl("logs", "no-fs-group", "-n", namespace)
+    assert "identity 10001 10001 []" in log and "Permission denied: '/out/written'" in log
+
+    kube.kubectl.apply(non_root_pod("fs-group", 10001))
+    assert wait_for("the pod with fsGroup", lambda: pod_phase(kube, "fs-group"), 60) \
+        == "Succeeded"  # fmt: skip
+    assert "identity 10001 10001 [10001]" in kube.kubectl("logs", "fs-group", "-n", namespace)
+    written = (block / "written").stat()
+    assert (written.st_uid, written.st_gid) == (10001, 10001)
+    root = block.stat()
+    assert root.st_gid == 10001 and root.st_mode & 0o2070 == 0o2070  # setgid, group rwx
+
+
+def test_run_as_non_root_without_a_user_is_refused(kube: KubeEnvironment, namespace: str) -> None:
+    pod = non_root_pod("image-root", None)
+    del pod["spec"]["securityContext"]["runAsUser"]
+    kube.kubectl.apply(pod)
+
+    def waiting() -> dict | None:
+        statuses = kube.kubectl.json("pod", "image-root", "-n", namespace)["status"]
+        state = (statuses.get("containerStatuses") or [{}])[0].get("state") or {}
+        return state.get("waiting") if (state.get("waiting") or {}).get("message") else None
+
+    state = wait_for("the refusal", waiting, 60)
+    assert state["reason"] == "CreateContainerConfigError"
+    assert state["message"] == "container has runAsNonRoot and image will run as root"
+    kube.kubectl("delete", "pod", "image-root", "-n", namespace, "--wait=false")

@@ -16,6 +16,8 @@ Pods (list+watch of `spec.nodeName=<node>`; the real scheduler binds them):
   directory root/pods/<ns>/<pod>) and execs argv: one pid throughout, its own process group.
   The host is the image: a mountPath missing there is created as an empty directory, and a
   volume mounted over this Python environment hides it (the StartError says so).
+- the process runs as the securityContext says (runAsUser/runAsGroup, fsGroup and
+  supplementalGroups, no_new_privs), and fsGroup is applied to its volumes: identity.py.
 - volumes: PVC → the hostPath/local path of its bound PV; emptyDir →
   root/pods/<ns>/<pod>/volumes/<name>; hostPath; configMap, secret, downwardAPI and projected
   ones (a TokenRequest token, kube-root-ca.crt, the namespace) as files under the pod's volume
@@ -33,7 +35,8 @@ Pods (list+watch of `spec.nodeName=<node>`; the real scheduler binds them):
   vanishes from the API (forced deletion) is killed at once.
 
 Volumes: the Kubelet also runs the DirectoryProvisioner (with its own credential), which gives
-each claim of the storage class a PersistentVolume at root/volumes/<ns>/<claim>.
+each claim of the storage class a PersistentVolume at root/volumes/<ns>/<claim>, owned by root
+with mode 0755 like a fresh block device.
 
 Not emulated: container restarts, probes, sidecar (restartPolicy Always) init containers,
 hostNetwork, resource isolation (GPUs are only counted by the scheduler), token rotation, and
@@ -56,10 +59,11 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -71,6 +75,14 @@ import aiohttp
 from aiohttp import web
 from kubernetes.utils import parse_quantity
 
+from .identity import (
+    Identity,
+    RunAsRootRefused,
+    apply_fs_group,
+    container_identity,
+    exec_prefix,
+    image_view_lines,
+)
 from .network import PodAddress, PodNetwork
 
 log = logging.getLogger("kube.kubelet")
@@ -101,6 +113,8 @@ NODE_CONDITIONS = (  # type, status, reason, message: a healthy kubelet's
     ("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
 )
 NOT_FOUND = "executable file not found in $PATH"
+# HOME of a container that does not run as root (the pod's own directory, mounted there)
+HOME = "/tmp/local-kubelet-home"
 # what every container runs from: this Python environment is the local kubelet's "image"
 IMAGE_PATHS = sorted(
     {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
@@ -244,13 +258,21 @@ class Mount:
     is_file: bool = False
 
 
-def launch_script(hostname: str, mounts: list[Mount], workdir: str | None, fallback: str) -> str:
+def launch_script(
+    hostname: str,
+    mounts: list[Mount],
+    workdir: str | None,
+    fallback: str,
+    image_view: Sequence[str] = (),
+    run_as: Sequence[str] = (),
+) -> str:
     """The shell script that turns a fresh UTS+mount namespace into the container's view of the
-    host, then execs its argv ("$@") under the same pid."""
+    host, then execs its argv ("$@") under the same pid, as `run_as` says (identity.py)."""
     q = shlex.quote
     # the pod's env may set PATH: the script's own tools come from the system directories
     lines = ["set -e", "container_path=$PATH", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
     lines.append(f"printf %s {q(hostname)} > /proc/sys/kernel/hostname")
+    lines += image_view
     for mount in sorted(mounts, key=lambda m: m.target.rstrip("/").count("/")):
         target = q(mount.target)
         if mount.tmpfs:
@@ -271,7 +293,7 @@ def launch_script(hostname: str, mounts: list[Mount], workdir: str | None, fallb
         lines.append(f"cd {q(workdir)} 2>/dev/null || cd {q(fallback)}")
     else:
         lines.append(f"cd {q(fallback)}")
-    lines += ['PATH="$container_path"', 'exec "$@"']
+    lines += ['PATH="$container_path"', " ".join(["exec", *map(q, run_as), '"$@"'])]
     return "\n".join(lines) + "\n"
 
 
@@ -589,6 +611,7 @@ class ContainerLaunch:
     env: dict[str, str]
     mounts: list[Mount]
     workdir: str | None
+    identity: Identity
 
 
 @dataclass
@@ -867,6 +890,15 @@ class PodWorker:
         return volumes
 
     async def _prepare_volume(self, volume: dict, config: ConfigReader) -> Mount:
+        mount = await self._volume_mount(volume, config)
+        context = (self.pod.get("spec") or {}).get("securityContext") or {}
+        fs_group = context.get("fsGroup")
+        if fs_group is not None and mount.source and "hostPath" not in volume:
+            policy = context.get("fsGroupChangePolicy")
+            apply_fs_group(Path(mount.source), int(fs_group), policy, mount.read_only)
+        return mount
+
+    async def _volume_mount(self, volume: dict, config: ConfigReader) -> Mount:
         own_dir = self.pod_dir / "volumes" / volume["name"]
         if "persistentVolumeClaim" in volume:
             source = volume["persistentVolumeClaim"]
@@ -879,6 +911,7 @@ class PodWorker:
             if empty_dir.get("medium") == "Memory":
                 return Mount("", tmpfs=True, size=empty_dir.get("sizeLimit"))
             own_dir.mkdir(parents=True, exist_ok=True)
+            own_dir.chmod(0o777)  # as the kubelet makes an emptyDir: any user writes there
             return Mount("", str(own_dir))
         files = await self._volume_files(volume, config)
         if files is None:
@@ -1012,7 +1045,28 @@ class PodWorker:
             volume = volumes.get(mount.get("name"))
             if volume is not None:
                 mounts.append(_container_mount(volume, mount, values))
-        return ContainerLaunch(argv, env, mounts, container.get("workingDir"))
+        try:
+            identity = container_identity(self.pod.get("spec") or {}, container)
+        except RunAsRootRefused as error:
+            raise ContainerConfigError(str(error)) from error
+        if not identity.is_root and "HOME" not in values:
+            # the image's home, writable by its user (the pod directory's parents are not
+            # open to it: a mount)
+            mounts.append(Mount(HOME, self._home(identity)))
+            env["HOME"] = HOME
+        return ContainerLaunch(argv, env, mounts, container.get("workingDir"), identity)
+
+    def _image_stage(self) -> str:
+        stage = self.pod_dir / "image"
+        stage.mkdir(exist_ok=True)
+        stage.chmod(0o755)
+        return str(stage)
+
+    def _home(self, identity: Identity) -> str:
+        home = self.pod_dir / "home" / str(identity.uid)
+        home.mkdir(parents=True, exist_ok=True)
+        os.chown(home, identity.uid, identity.gid)
+        return str(home)
 
     async def _container_env(self, container: dict, config: ConfigReader) -> dict[str, str]:
         values: dict[str, str] = {}
@@ -1056,9 +1110,12 @@ class PodWorker:
         if not argv0 or not find_executable(argv0, search_path, launch.mounts, workdir):
             message = start_error_message(argv0, launch.mounts)
             return await self._start_failed(record, message)
+        identity, tools = launch.identity, self.kubelet.tools
+        image_view = [] if identity.is_root else image_view_lines(IMAGE_PATHS, self._image_stage())
         script = launch_script(
-            pod_hostname(self.pod), launch.mounts, launch.workdir, str(self.pod_dir)
-        )
+            pod_hostname(self.pod), launch.mounts, launch.workdir, str(self.pod_dir),
+            image_view, exec_prefix(tools["setpriv"], identity),
+        )  # fmt: skip
         assert self.address is not None
         try:
             process = await asyncio.create_subprocess_exec(
@@ -1196,10 +1253,21 @@ def _container_mount(volume: Mount, mount: dict, env: dict[str, str]) -> Mount:
     source = volume.source
     sub_path = mount.get("subPath") or expand(mount.get("subPathExpr") or "", env)
     if sub_path:
-        source = os.path.join(source, sub_path)
-        if not os.path.exists(source):
-            os.makedirs(source, exist_ok=True)  # the kubelet creates a missing subPath
+        source = _make_sub_path(volume.source, sub_path)
     return Mount(target, source, read_only, is_file=os.path.isfile(source))
+
+
+def _make_sub_path(base: str, sub_path: str) -> str:
+    """The kubelet creates a missing subPath, each directory with the volume root's mode (so
+    an fsGroup's group may write there too; the setgid bit hands the group down)."""
+    mode = stat.S_IMODE(os.stat(base).st_mode)
+    path = base
+    for part in Path(sub_path).parts:
+        path = os.path.join(path, part)
+        if not os.path.exists(path):
+            os.mkdir(path)
+            os.chmod(path, mode)
+    return path
 
 
 def _host_path_volume(source: dict) -> str:
@@ -1336,7 +1404,9 @@ class DirectoryProvisioner:
             volume = self.volume_for(claim)
             path = Path(volume["spec"]["hostPath"]["path"])
             path.mkdir(parents=True, exist_ok=True)
-            path.chmod(0o777)  # pods that do not run as root write there too
+            # root's and 0755, like a fresh filesystem on a block device: a pod that does not
+            # run as root writes there only through fsGroup
+            path.chmod(0o755)
             try:
                 await self.client.request("POST", "/api/v1/persistentvolumes", volume)
                 log.info("provisioned %s at %s", volume["metadata"]["name"], path)
@@ -1834,7 +1904,8 @@ class Kubelet:
 def _tool_paths() -> dict[str, str]:
     """Absolute paths of what starts a container (PATH may lack /usr/sbin)."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-    tools = {name: shutil.which(name, path=search) for name in ("ip", "unshare", "sh")}
+    names = ("ip", "unshare", "sh", "setpriv")
+    tools = {name: shutil.which(name, path=search) for name in names}
     missing = [name for name, path in tools.items() if path is None]
     if missing:
         raise RuntimeError(
