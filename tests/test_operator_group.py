@@ -91,3 +91,13 @@ def test_nothing_restarts_for_one_worker_a_suspended_job_or_a_finishing_one() ->
 def test_a_worker_that_succeeded_restarts_nothing() -> None:
     done = pod("w-1", 0, "Succeeded", finished=100)
     assert pending_restart(job(), [pod("w-0", 0), done]) is None
+
+
+def test_a_restart_carried_out_is_not_repeated_before_the_job_records_it() -> None:
+    pods = [pod("w-0", 0), pod("w-1", 0, "Failed", finished=100)]
+    first = pending_restart(job(), pods)
+    assert first is not None
+    assert pending_restart(job(), pods, known=first.at) is None
+    # the pod that started it ends later than its deletion was asked for: still the same one
+    pods[1] = pod("w-1", 0, "Failed", finished=130, deleting=100)
+    assert pending_restart(job(), pods, known=first.at) is None

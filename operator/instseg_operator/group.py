@@ -83,8 +83,11 @@ def _job_is_settled(job: dict) -> bool:
     return bool(spec.get("suspend")) or (spec.get("parallelism") or 1) <= 1 or finishing
 
 
-def pending_restart(job: dict, pods: list[dict]) -> GroupRestart | None:
-    """The restart this Job's pods call for and the Job does not record yet, if any.
+def pending_restart(
+    job: dict, pods: list[dict], known: datetime | None = None
+) -> GroupRestart | None:
+    """The restart this Job's pods call for that neither the Job records nor `known` (the
+    last one carried out, where the Job's copy may be older) is, if any.
 
     Pods end in time order; one created after the last restart (a member of the current
     group) starts a new restart when it ends. The pods of the group it belonged to that still
@@ -92,7 +95,7 @@ def pending_restart(job: dict, pods: list[dict]) -> GroupRestart | None:
     if _job_is_settled(job):
         return None
     recorded = (job["metadata"].get("annotations") or {}).get(RESTART_ANNOTATION)
-    last = parse_time(recorded) if recorded else None
+    last = max(filter(None, (parse_time(recorded) if recorded else None, known)), default=None)
     trigger = None
     ended = [(at, pod) for pod in pods if (at := _ended_at(pod)) is not None]
     for at, pod in sorted(ended, key=lambda pair: pair[0]):

@@ -44,6 +44,9 @@ METRICS = TrainingMetrics()
 _state: dict[str, object] = {}
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
+# (namespace, training) → (Job uid, time) of the last group restart carried out: the Job's
+# record of it (group.RESTART_ANNOTATION) reaches the index only with the next watch event
+_restarts_done: dict[tuple[str, str], tuple[str, datetime.datetime]] = {}
 
 
 def cluster() -> Cluster:
@@ -354,10 +357,11 @@ def refresh(namespace: str, name: str, children: Children, logger: logging.Logge
 def _restart_group(training: dict, job: dict, pods: list[dict], logger: logging.Logger) -> None:
     """One worker of a multi-node training ended: the others are evicted, so that the whole
     group restarts from the checkpoint (group.py), and the Job records the restart."""
-    restart = group.pending_restart(job, pods)
+    meta, key = job["metadata"], (job["metadata"]["namespace"], training["metadata"]["name"])
+    done_uid, done_at = _restarts_done.get(key, (None, None))
+    restart = group.pending_restart(job, pods, done_at if done_uid == meta["uid"] else None)
     if restart is None:
         return
-    meta = job["metadata"]
     refused = [p["metadata"]["name"] for p in restart.stale
                if not cluster().evict(meta["namespace"], p["metadata"]["name"])]  # fmt: skip
     if refused:  # a PodDisruptionBudget: tried again on the next event or resync
@@ -367,6 +371,7 @@ def _restart_group(training: dict, job: dict, pods: list[dict], logger: logging.
     annotation = {group.RESTART_ANNOTATION: group.format_time(restart.at)}
     cluster().patch("Job", meta["namespace"], meta["name"],
                     {"metadata": {"annotations": annotation}})  # fmt: skip
+    _restarts_done[key] = (meta["uid"], restart.at)
     if restart.stale:
         logger.info("%s/%s: %s", meta["namespace"], meta["name"], restart.describe())
         kopf.event(training, type="Normal", reason="RestartingGroup", message=restart.describe())
@@ -478,6 +483,7 @@ def on_training_event(event: kopf.RawEvent, body: kopf.Body, **_) -> None:
         METRICS.forget(meta["namespace"], meta["name"])
         with _locks_guard:
             _locks.pop((meta["namespace"], meta["name"]), None)
+            _restarts_done.pop((meta["namespace"], meta["name"]), None)
     else:
         METRICS.observe(_plain(body))
 
