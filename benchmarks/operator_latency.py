@@ -34,6 +34,7 @@ from urllib3.exceptions import ProtocolError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import instseg_contract as contract  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 from tests.cluster import (  # noqa: E402
@@ -44,7 +45,7 @@ from tests.cluster import (  # noqa: E402
     wait_for,
 )
 
-from instseg_operator import manifests as mf  # noqa: E402
+from instseg_operator import manifests  # noqa: E402
 
 NAMESPACE = "bench"
 # kube-controller-manager's --controllers: everything but the Job controller
@@ -85,8 +86,8 @@ class Watcher(threading.Thread):
 
 def training(name: str) -> dict:
     return {
-        "apiVersion": mf.API_VERSION,
-        "kind": mf.KIND,
+        "apiVersion": contract.API_VERSION,
+        "kind": contract.KIND,
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
             "template": "MaskRCNN-ResNet50",
@@ -121,7 +122,7 @@ def succeeded_job_status(completions: int) -> dict:
 
 def complete(batch: client.BatchV1Api, name: str) -> None:
     status = succeeded_job_status(completions=1)
-    batch.patch_namespaced_job_status(mf.job_name(name), NAMESPACE, {"status": status})
+    batch.patch_namespaced_job_status(manifests.job_name(name), NAMESPACE, {"status": status})
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -136,16 +137,16 @@ def run_round(names: list[str], api, batch, jobs: Watcher, done: Watcher, timeou
 
     def create(name: str) -> None:
         api.create_namespaced_custom_object(
-            mf.GROUP, mf.VERSION, NAMESPACE, mf.PLURAL, training(name)
+            contract.GROUP, contract.VERSION, NAMESPACE, contract.PLURAL, training(name)
         )
         created[name] = time.monotonic()
 
     start = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(create, names))
-    wait_for("the Jobs", lambda: all(mf.job_name(n) in jobs.seen for n in names), timeout)
-    all_jobs = max(jobs.seen[mf.job_name(n)] for n in names) - start
-    to_job = [jobs.seen[mf.job_name(n)] - created[n] for n in names]
+    wait_for("the Jobs", lambda: all(manifests.job_name(n) in jobs.seen for n in names), timeout)
+    all_jobs = max(jobs.seen[manifests.job_name(n)] for n in names) - start
+    to_job = [jobs.seen[manifests.job_name(n)] - created[n] for n in names]
     completed: dict[str, float] = {}
 
     def finish(name: str) -> None:
@@ -188,7 +189,7 @@ def start_watchers(api, batch) -> tuple[Watcher, Watcher]:
     done = Watcher(
         api.list_namespaced_custom_object,
         lambda o: (o.get("status") or {}).get("phase") == "Succeeded",
-        group=mf.GROUP, version=mf.VERSION, namespace=NAMESPACE, plural=mf.PLURAL,
+        group=contract.GROUP, version=contract.VERSION, namespace=NAMESPACE, plural=contract.PLURAL,
     )  # fmt: skip
     jobs.start(), done.start()
     time.sleep(1)  # both watches established

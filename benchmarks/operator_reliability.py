@@ -49,6 +49,7 @@ from urllib3.exceptions import ProtocolError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import instseg_contract as contract  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 from kubernetes.utils import parse_quantity  # noqa: E402
@@ -61,13 +62,13 @@ from tests.cluster import (  # noqa: E402
     wait_for,
 )
 
-from instseg_operator import manifests as mf  # noqa: E402
+from instseg_operator import manifests  # noqa: E402
 from instseg_trainer.sample_data import write_sample_dataset  # noqa: E402
 
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "training.yaml").read_text())
 # as tests/test_operator_e2e.py: a few CPU seconds per epoch (4 images of 64-96 px, batches of 2)
 TINY = {"batchSize": 2, "inputSize": 64, "backboneWeights": "none", "warmupIterations": 1}
-MANAGED = ",".join(f"{key}={value}" for key, value in mf.MANAGED_BY.items())
+MANAGED = ",".join(f"{key}={value}" for key, value in manifests.MANAGED_BY.items())
 TERMINAL = ("Succeeded", "Failed")
 ROUND_TIMEOUT = 1500
 # a SIGKILLed replica's peering record stays for kopf's 60 s lifetime, an older record outranks
@@ -105,7 +106,7 @@ class JobLedger(threading.Thread):
                     self.batch.list_namespaced_job, self.namespace, label_selector=MANAGED
                 ):
                     meta = event["object"].metadata
-                    owner = (meta.annotations or {}).get(mf.TRAINING_ANNOTATION, meta.name)
+                    owner = (meta.annotations or {}).get(manifests.TRAINING_ANNOTATION, meta.name)
                     self.uids[owner].add(meta.uid)
             except (ApiException, ProtocolError):  # 410 Gone, a dropped watch: list again
                 time.sleep(0.5)
@@ -177,7 +178,7 @@ def prepare_namespace(env: KubeEnvironment, name: str) -> str:
 
 def statuses(clients: Clients, namespace: str) -> dict[str, dict]:
     items = clients.custom.list_namespaced_custom_object(
-        mf.GROUP, mf.VERSION, namespace, mf.PLURAL
+        contract.GROUP, contract.VERSION, namespace, contract.PLURAL
     )["items"]
     return {item["metadata"]["name"]: item.get("status") or {} for item in items}
 
@@ -274,7 +275,7 @@ def killable_pods(clients, namespace, runs: Path, killed: set[str]) -> list[tupl
     and not killed before."""
     found = []
     for pod in clients.core.list_namespaced_pod(namespace, label_selector=MANAGED).items:
-        name = (pod.metadata.annotations or {}).get(mf.TRAINING_ANNOTATION)
+        name = (pod.metadata.annotations or {}).get(manifests.TRAINING_ANNOTATION)
         running = pod.status.phase == "Running" and not pod.metadata.deletion_timestamp
         if name is None or not running or name in killed:
             continue
@@ -330,7 +331,7 @@ def round_pod_kills(env, clients, args, rng) -> dict:
     final = wait_finished(clients, namespace, len(names))
     wall = time.monotonic() - start
     jobs = {
-        job.metadata.annotations.get(mf.TRAINING_ANNOTATION): job
+        job.metadata.annotations.get(manifests.TRAINING_ANNOTATION): job
         for job in clients.batch.list_namespaced_job(namespace, label_selector=MANAGED).items
     }
     detail = {n: resume_report(n, killed.get(n), runs, final[n], jobs.get(n)) for n in names}

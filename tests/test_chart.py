@@ -18,7 +18,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from instseg_operator import __main__ as operator_cli
-from instseg_operator import manifests as mf
+from instseg_operator import manifests
 from instseg_operator.cluster import API_USE
 from instseg_operator.metrics import TrainingMetrics
 from tests.cluster import KubeEnvironment, wait_for
@@ -303,7 +303,7 @@ def test_defaults_serve_all_namespaces_with_cluster_peering(monkeypatch):
     assert "--log-format=full" in command
     assert "--debug" not in command and "--quiet" not in command
     assert one(objects, "ClusterKopfPeering")["metadata"]["name"] == "instseg"
-    assert env(objects)["INSTSEG_TRAINER_IMAGE"] == mf.DEFAULT_IMAGE
+    assert env(objects)["INSTSEG_TRAINER_IMAGE"] == manifests.DEFAULT_IMAGE
 
 
 def test_values_reach_the_operator_command(monkeypatch):
@@ -385,7 +385,7 @@ def _needed(namespaces: list[str], peering: bool) -> dict[tuple[str, str], set[s
         extra[("kopf.dev", "kopfpeerings" if namespaces else "clusterkopfpeerings")] = KOPF_PEERING
     # RBAC lets the operator create the trainers' Roles only if it holds what they grant
     training = {"metadata": {"name": "t", "namespace": "ns", "uid": "u"}, "spec": {}}
-    for rule in mf.build_role(training)["rules"]:
+    for rule in manifests.build_role(training)["rules"]:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 extra.setdefault((group, resource), set()).update(rule["verbs"])

@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import instseg_contract as contract
 import kubernetes_validate
 import pytest
 import yaml
 
-from instseg_operator import manifests as mf
+from instseg_operator import manifests
 from tests.cluster import KubeEnvironment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_the_trainings_are_there():
 @pytest.mark.parametrize("path", TRAININGS, ids=lambda p: p.name)
 def test_example_is_a_valid_training(path, kube):
     (training,) = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-    assert (training["apiVersion"], training["kind"]) == (mf.API_VERSION, mf.KIND)
+    assert (training["apiVersion"], training["kind"]) == (contract.API_VERSION, contract.KIND)
     assert server_errors(kube, training) == ""
 
 
@@ -71,7 +72,7 @@ def test_pvc_example_is_valid_and_holds_every_claim_the_trainings_use():
 
 
 def test_single_gpu_example_makes_a_one_gpu_job():
-    job = mf.build_training_job({**load("training.yaml"), "metadata": _meta("shapes-r50")})
+    job = manifests.build_training_job({**load("training.yaml"), "metadata": _meta("shapes-r50")})
     (trainer,) = job["spec"]["template"]["spec"]["containers"]
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert job["spec"]["completions"] == 1
@@ -80,7 +81,7 @@ def test_single_gpu_example_makes_a_one_gpu_job():
 
 def test_multinode_example_makes_two_workers_with_four_gpus_each():
     training = {**load("training-multinode.yaml"), "metadata": _meta("coco-r50-2x4")}
-    children = mf.build_children(training)
+    children = manifests.build_children(training)
     job = children[-1]
     (trainer,) = job["spec"]["template"]["spec"]["containers"]
     assert job["spec"]["completionMode"] == "Indexed"
@@ -101,13 +102,13 @@ def test_kueue_example_is_queued_and_suspended():
     assert training["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
     assert training["spec"]["suspend"] is True
     meta = {**_meta("shapes-effnet-queued"), "labels": training["metadata"]["labels"]}
-    job = mf.build_training_job({**training, "metadata": meta})
+    job = manifests.build_training_job({**training, "metadata": meta})
     assert job["spec"]["suspend"] is True
     # Kueue finds the Job by its queue label and admits it by setting suspend false; the
     # operator records what it asked for, so it does not suspend an admitted Job again
     queue = training["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
-    assert job["metadata"]["annotations"][mf.SUSPEND_ANNOTATION] == "true"
+    assert job["metadata"]["annotations"][manifests.SUSPEND_ANNOTATION] == "true"
 
 
 def _meta(name: str) -> dict:

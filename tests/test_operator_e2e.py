@@ -17,10 +17,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import instseg_contract as contract
 import pytest
 import yaml
 
-from instseg_operator import manifests as mf
 from instseg_trainer.sample_data import write_sample_dataset
 from tests.cluster import (
     ROOT,
@@ -97,7 +97,7 @@ class Cluster:
         return self.kubectl.json("jobs", "-n", namespace, "-l", selector)["items"]
 
     def events(self, namespace: str, name: str) -> list[dict]:
-        field = f"involvedObject.name={name},involvedObject.kind={mf.KIND}"
+        field = f"involvedObject.name={name},involvedObject.kind={contract.KIND}"
         return self.kubectl.json("events", "-n", namespace, "--field-selector", field)["items"]
 
     def wait_event(self, namespace: str, name: str, reason: str, count: int = 1) -> list[dict]:
@@ -148,14 +148,14 @@ def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> Non
     assert job["metadata"]["name"] == "shapes-r50-train"
     (owner,) = job["metadata"]["ownerReferences"]
     resource = cluster.get(ns, "shapes-r50")
-    assert owner["kind"] == mf.KIND and owner["uid"] == resource["metadata"]["uid"]
+    assert owner["kind"] == contract.KIND and owner["uid"] == resource["metadata"]["uid"]
     assert owner["controller"] is True
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"] == "ghcr.io/instseg/trainer:test"  # the operator's default
     assert container["command"][:3] == ["instseg", "train", "MaskRCNN-ResNet50"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {"name": mf.ENV_NAME, "value": "shapes-r50"} in container["env"]
+    assert {"name": contract.ENV_NAME, "value": "shapes-r50"} in container["env"]
     assert pod["serviceAccountName"] == "shapes-r50-trainer"
     assert {v["name"] for v in pod["volumes"]} == {"pvc-0", "pvc-1", "shm"}
     assert job["spec"]["backoffLimit"] == 3  # the CRD's default, filled in by the API server

@@ -11,10 +11,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from instseg_contract import API_VERSION
 
 from instseg_operator import validation
 from instseg_operator.manifests import (
-    API_VERSION,
     build_children,
     build_headless_service,
     build_role,

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
+import instseg_contract as contract
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
-
-from . import manifests as mf
 
 # kind → (API path prefix, plural); namespaced kinds only
 KINDS = {
@@ -23,13 +22,13 @@ KINDS = {
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("/apis/batch/v1", "jobs"),
-    mf.KIND: (f"/apis/{mf.GROUP}/{mf.VERSION}", mf.PLURAL),
+    contract.KIND: (f"/apis/{contract.GROUP}/{contract.VERSION}", contract.PLURAL),
 }
 
 # (API group, resource) → verbs this module (and kopf, for the trainings) needs, with reasons;
 # the chart's ClusterRole is tested against it
 API_USE = {
-    (mf.GROUP, mf.PLURAL): {
+    (contract.GROUP, contract.PLURAL): {
         "list",
         "watch",  # kopf watches trainings
         "get",  # re-read before deriving status
@@ -37,10 +36,10 @@ API_USE = {
     },
     # patch: phase, conditions, message; get: the operator creates Roles granting get+patch
     # here to trainers, and RBAC lets it grant only verbs it holds itself
-    (mf.GROUP, f"{mf.PLURAL}/status"): {"get", "patch"},
+    (contract.GROUP, f"{contract.PLURAL}/status"): {"get", "patch"},
     # children carry ownerReferences with blockOwnerDeletion; OwnerReferencesPermissionEnforcement
     # (hardened clusters, OpenShift) admits those only from who may update the owner's finalizers
-    (mf.GROUP, f"{mf.PLURAL}/finalizers"): {"update"},
+    (contract.GROUP, f"{contract.PLURAL}/finalizers"): {"update"},
     ("batch", "jobs"): {"list", "watch", "get", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},  # status is derived from the Job's pods (kopf's index)
     # create: a multi-node training whose worker ended evicts the others, so that the group
@@ -166,4 +165,4 @@ class Cluster:
         return True
 
     def patch_training_status(self, namespace: str, name: str, status: dict) -> dict:
-        return self.patch(mf.KIND, namespace, name, {"status": status}, sub="status")
+        return self.patch(contract.KIND, namespace, name, {"status": status}, sub="status")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from .manifests import GROUP
+from instseg_contract import GROUP
 
 RESTART_ANNOTATION = f"{GROUP}/group-restarted-at"
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"

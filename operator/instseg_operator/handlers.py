@@ -21,17 +21,23 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import instseg_contract as contract
 import kopf
 from prometheus_client import start_http_server
 
-from . import group
-from . import manifests as mf
-from . import status as st
+from . import group, manifests
 from .cluster import ApiError, Cluster, load_config
 from .metrics import TrainingMetrics
+from .status import (
+    REFUSAL_REASONS,
+    build_conditions,
+    current_refusal,
+    phase_reason,
+    training_status,
+)
 from .validation import claims, spec_problems
 
-TRAINING = (mf.GROUP, mf.VERSION, mf.PLURAL)
+TRAINING = (contract.GROUP, contract.VERSION, contract.PLURAL)
 # how long to wait before looking again for a missing volume
 VOLUME_RETRY_SECONDS = 15
 # how often every unfinished training's status is derived again, events or not
@@ -57,7 +63,7 @@ def cluster() -> Cluster:
 
 
 def default_image() -> str:
-    return os.environ.get("INSTSEG_TRAINER_IMAGE") or mf.DEFAULT_IMAGE
+    return os.environ.get("INSTSEG_TRAINER_IMAGE") or manifests.DEFAULT_IMAGE
 
 
 def _now() -> str:
@@ -82,15 +88,15 @@ def _training_lock(namespace: str, name: str) -> Iterator[None]:
 def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> None:
     # handler progress and the last handled spec live in annotations under our own prefix;
     # kopf's default would also write status.kopf, which the CRD schema prunes
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=mf.GROUP)
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=contract.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=mf.GROUP, key="last-handled-configuration"
+        prefix=contract.GROUP, key="last-handled-configuration"
     )
     # Events: only the ones posted explicitly below (one per transition), not log lines
     settings.posting.loggers = False
     # watch only our own Jobs and Pods, filtered by the API server (not every pod of the
     # cluster, filtered here)
-    selector = ",".join(f"{key}={value}" for key, value in mf.MANAGED_BY.items())
+    selector = ",".join(f"{key}={value}" for key, value in manifests.MANAGED_BY.items())
     settings.watching.label_selectors["batch", "jobs"] = selector
     settings.watching.label_selectors["", "pods"] = selector
     settings.execution.max_workers = int(os.environ.get("INSTSEG_MAX_WORKERS", "16"))
@@ -126,7 +132,7 @@ def _set_status(
         "phase": phase,
         "message": message,
         "observedGeneration": generation,
-        "conditions": st.build_conditions(
+        "conditions": build_conditions(
             previous.get("conditions", []), phase, reason, message, _now(), generation, False
         ),
     }
@@ -153,7 +159,7 @@ def _ensure_child(manifest: dict, training: dict, logger: logging.Logger) -> tup
         if e.status in (400, 422):
             # the API server refuses what the spec asks for: retrying cannot help
             message = f"the API server rejected the training's {kind}: {e.message}"
-            _set_status(training, st.FAILED, "JobRejected", message, "Warning")
+            _set_status(training, contract.FAILED, "JobRejected", message, "Warning")
             raise kopf.PermanentError(message) from None
         if e.status == 403:  # the operator's own RBAC: the platform team can fix it
             message = f"the operator may not create the training's {kind}: {e.message}"
@@ -193,7 +199,7 @@ def _finished(training: dict) -> bool:
     """Succeeded or Failed for the current spec: nothing to create, check or replace."""
     meta, status = training["metadata"], training.get("status") or {}
     return (
-        status.get("phase") in (st.SUCCEEDED, st.FAILED)
+        status.get("phase") in (contract.SUCCEEDED, contract.FAILED)
         and status.get("observedGeneration") == meta.get("generation")
         and bool(status.get("jobName"))
     )
@@ -210,30 +216,31 @@ def ensure(training: dict, children: Children, logger: logging.Logger, retry: in
         refresh(namespace, name, children, logger)
         return
     with _training_lock(namespace, name):
-        job = cluster().get("Job", namespace, mf.job_name(name))
+        job = cluster().get("Job", namespace, manifests.job_name(name))
         if job is not None and not _owned_by(job, training):
             job = None  # _ensure_child below reports the conflict
-        problems = spec_problems(spec, mf.trainer_pod_template(training, default_image()))
+        problems = spec_problems(spec, manifests.trainer_pod_template(training, default_image()))
         if problems:
             message = "invalid spec: " + "; ".join(problems)
             if job is None:
-                _set_status(training, st.FAILED, "InvalidSpec", message, "Warning")
+                _set_status(training, contract.FAILED, "InvalidSpec", message, "Warning")
             else:  # the running Job goes on; the edit is refused
                 kopf.event(training, type="Warning", reason="InvalidSpec", message=message)
             raise kopf.PermanentError(message)
         if job is None:
             missing = _missing_volume(training)
             if missing:
-                _set_status(training, st.PENDING, "VolumeNotFound", missing, "Warning")
+                _set_status(training, contract.PENDING, "VolumeNotFound", missing, "Warning")
                 raise kopf.TemporaryError(missing, delay=VOLUME_RETRY_SECONDS)
         if job is None:
-            *children, wanted = mf.build_children(training, default_image())
+            *children, wanted = manifests.build_children(training, default_image())
             for manifest in children:
                 _ensure_child(manifest, training, logger)
             job, created = _ensure_child(wanted, training, logger)
         else:
             created = False
-            _update_job(job, mf.build_training_job(training, default_image()), training, retry)
+            wanted = manifests.build_training_job(training, default_image())
+            _update_job(job, wanted, training, retry)
     if created:
         workers = int(spec.get("workers", 1))
         gpus = int((spec.get("resources") or {}).get("gpus", 1))
@@ -254,10 +261,10 @@ def _update_job(job: dict, wanted: dict, training: dict, retry: int) -> None:
     output volume — at once when no trainer runs yet, else once it stopped (suspended)."""
     meta = job["metadata"]
     suspend = wanted["spec"]["suspend"]
-    applied = (meta.get("annotations") or {}).get(mf.SUSPEND_ANNOTATION)
+    applied = (meta.get("annotations") or {}).get(manifests.SUSPEND_ANNOTATION)
     if applied != str(suspend).lower():
         patch = {
-            "metadata": {"annotations": {mf.SUSPEND_ANNOTATION: str(suspend).lower()}},
+            "metadata": {"annotations": {manifests.SUSPEND_ANNOTATION: str(suspend).lower()}},
             "spec": {"suspend": suspend},
         }
         cluster().patch("Job", meta["namespace"], meta["name"], patch)
@@ -266,10 +273,10 @@ def _update_job(job: dict, wanted: dict, training: dict, retry: int) -> None:
             message="suspending the Job (the trainer saves a checkpoint)" if suspend
                     else "resuming the Job from the last checkpoint",
         )  # fmt: skip
-    digest = (meta.get("annotations") or {}).get(mf.SPEC_HASH_ANNOTATION)
-    if digest == wanted["metadata"]["annotations"][mf.SPEC_HASH_ANNOTATION]:
+    digest = (meta.get("annotations") or {}).get(manifests.SPEC_HASH_ANNOTATION)
+    if digest == wanted["metadata"]["annotations"][manifests.SPEC_HASH_ANNOTATION]:
         return
-    if (training.get("status") or {}).get("phase") == st.RUNNING and not suspend:
+    if (training.get("status") or {}).get("phase") == contract.RUNNING and not suspend:
         if retry == 0:
             kopf.event(
                 training, type="Warning", reason="SpecChangeWaiting",
@@ -288,17 +295,17 @@ def _update_job(job: dict, wanted: dict, training: dict, retry: int) -> None:
 
 def _training_of(body: kopf.Body) -> str | None:
     annotations = body["metadata"].get("annotations") or {}
-    return annotations.get(mf.TRAINING_ANNOTATION)
+    return annotations.get(manifests.TRAINING_ANNOTATION)
 
 
-@kopf.index("batch", "v1", "jobs", labels=mf.MANAGED_BY)
+@kopf.index("batch", "v1", "jobs", labels=manifests.MANAGED_BY)
 def training_jobs(namespace: str, body: kopf.Body, **_) -> dict | None:
     """(namespace, training name) → its Jobs, as the watch last saw them."""
     name = _training_of(body)
     return {(namespace, name): _plain(body)} if name else None
 
 
-@kopf.index("", "v1", "pods", labels=mf.MANAGED_BY)
+@kopf.index("", "v1", "pods", labels=manifests.MANAGED_BY)
 def job_pods(namespace: str, labels: Mapping, body: kopf.Body, **_) -> dict | None:
     """(namespace, Job uid) → its Pods, as the watch last saw them."""
     uid = labels.get("batch.kubernetes.io/controller-uid")
@@ -333,7 +340,7 @@ def refresh(namespace: str, name: str, children: Children, logger: logging.Logge
     wrote); Job and Pods come from the watches' indexes, and any change to them refreshes
     again. False when the training's Job does not exist."""
     with _training_lock(namespace, name):
-        training = cluster().get(mf.KIND, namespace, name)
+        training = cluster().get(contract.KIND, namespace, name)
         if training is None or training["metadata"].get("deletionTimestamp"):
             return True
         job = children.job(training)
@@ -346,7 +353,7 @@ def refresh(namespace: str, name: str, children: Children, logger: logging.Logge
         user_suspend = bool(training["spec"].get("suspend", False))
         _restart_group(training, job, pods, logger)
         refusal = _pod_refusal(job, pods)
-        new = st.training_status(job, pods, previous, generation, _now(), user_suspend, refusal)
+        new = training_status(job, pods, previous, generation, _now(), user_suspend, refusal)
         if {k: previous.get(k) for k in new} == new:
             return True
         cluster().patch_training_status(namespace, name, new)
@@ -391,15 +398,15 @@ def _pod_refusal(job: dict, pods: list[dict]) -> str | None:
     if live or finished or spec.get("suspend") or not waiting:
         return None
     meta = job["metadata"]
-    return st.current_refusal(cluster().failed_creates(meta["namespace"], meta["uid"]), pods)
+    return current_refusal(cluster().failed_creates(meta["namespace"], meta["uid"]), pods)
 
 
 def _announce(training: dict, previous: dict, new: dict, logger: logging.Logger) -> None:
     """An Event (and a log line) per phase change, and one when the API server starts
     refusing the trainer pod."""
-    reason, before = st.phase_reason(new), previous.get("phase")
-    earlier = st.phase_reason(previous)
-    refused = reason in st.REFUSAL_REASONS and earlier != reason
+    reason, before = phase_reason(new), previous.get("phase")
+    earlier = phase_reason(previous)
+    refused = reason in REFUSAL_REASONS and earlier != reason
     phase = new["phase"]
     if phase == before and not refused:
         return
@@ -409,7 +416,7 @@ def _announce(training: dict, previous: dict, new: dict, logger: logging.Logger)
     logger.info("%s/%s: %s → %s (%s)", meta["namespace"], meta["name"], before, phase,
                 new["message"])  # fmt: skip
     kopf.event(
-        training, type="Warning" if phase == st.FAILED or refused else "Normal",
+        training, type="Warning" if phase == contract.FAILED or refused else "Normal",
         reason=reason, message=f"{phase}: {new['message']}",
     )  # fmt: skip
 
@@ -453,7 +460,7 @@ def resync(
     training = _plain(body)
     meta, children = training["metadata"], Children(training_jobs, job_pods)
     with METRICS.reconcile_seconds.time():
-        if _finished(training) or (training.get("status") or {}).get("phase") == st.FAILED:
+        if _finished(training) or (training.get("status") or {}).get("phase") == contract.FAILED:
             return
         job_exists = refresh(meta["namespace"], meta["name"], children, logger)
         if not job_exists and (training.get("status") or {}).get("jobName"):
@@ -461,7 +468,7 @@ def resync(
 
 
 def _waiting_for_pod(status: Mapping, **_) -> bool:
-    return status.get("phase") == st.PENDING and bool(status.get("jobName"))
+    return status.get("phase") == contract.PENDING and bool(status.get("jobName"))
 
 
 @kopf.timer(*TRAINING, interval=WAITING_RESYNC_SECONDS, when=_waiting_for_pod)
@@ -488,8 +495,8 @@ def on_training_event(event: kopf.RawEvent, body: kopf.Body, **_) -> None:
         METRICS.observe(_plain(body))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=mf.MANAGED_BY)
-@kopf.on.event("", "v1", "pods", labels=mf.MANAGED_BY)
+@kopf.on.event("batch", "v1", "jobs", labels=manifests.MANAGED_BY)
+@kopf.on.event("", "v1", "pods", labels=manifests.MANAGED_BY)
 def on_child_event(
     body: kopf.Body, logger: logging.Logger, training_jobs: kopf.Index, job_pods: kopf.Index, **_
 ) -> None:

@@ -9,13 +9,9 @@ import copy
 import hashlib
 import json
 
-from . import pod_template
+import instseg_contract as contract
 
-GROUP = "instseg.io"
-VERSION = "v1alpha1"
-KIND = "InstanceSegTraining"
-PLURAL = "instancesegtrainings"
-API_VERSION = f"{GROUP}/{VERSION}"
+from . import pod_template
 
 DEFAULT_IMAGE = "ghcr.io/instseg/trainer:0.1.0"
 MASTER_PORT = 29500
@@ -44,44 +40,23 @@ CONTAINER_SECURITY_CONTEXT = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
 }
-# the trainer's exit code for bad input (its data, its flags): retrying cannot help
-TRAINER_USER_ERROR_EXIT_CODE = 2
-# torchrun, joining the rendezvous again while worker 0 is replaced, and passing the trainer's
-# bad-input exit code on
-LAUNCHER = ["python", "-m", "instseg_trainer.launch"]
 MAX_NAME = 56
 MAX_LABEL = 63
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
-# spec.hyperparameters key → `instseg train` flag
-HYPERPARAMETER_FLAGS = {
-    "epochs": "--epochs",
-    "batchSize": "--batch-size",
-    "learningRate": "--learning-rate",
-    "inputSize": "--input-size",
-    "warmupIterations": "--warmup-iterations",
-    "earlyStoppingPatience": "--early-stopping-patience",
-    "seed": "--seed",
-    "backboneWeights": "--backbone-weights",
-}
-
 # annotations: the full training name (labels stop at 63 characters) and a digest of the Job
 # spec the operator built, to tell whether a spec change needs a new Job
-TRAINING_ANNOTATION = f"{GROUP}/training-name"
-SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
+TRAINING_ANNOTATION = f"{contract.GROUP}/training-name"
+SPEC_HASH_ANNOTATION = f"{contract.GROUP}/spec-hash"
 # the spec.suspend value the operator last applied to the Job: suspend is patched only when
 # the user changes it, so a queue controller (Kueue) that unsuspends an admitted Job is not
 # overridden by the next reconcile
-SUSPEND_ANNOTATION = f"{GROUP}/suspend-requested"
+SUSPEND_ANNOTATION = f"{contract.GROUP}/suspend-requested"
 # labels copied from the training onto its Job, for Kueue to queue and prioritise it
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PASSED_LABELS = (QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
 # on every child: the operator watches only its own Jobs and Pods
 MANAGED_BY = {"app.kubernetes.io/managed-by": "instseg-operator"}
-
-# env names the trainer reads to find (and patch) its own resource
-ENV_NAME = "INSTSEG_RESOURCE_NAME"
-ENV_NAMESPACE = "INSTSEG_RESOURCE_NAMESPACE"
 
 
 def child_name(owner: str, suffix: str) -> str:
@@ -120,15 +95,15 @@ def labels(owner: str) -> dict[str, str]:
         "app.kubernetes.io/name": "instseg",
         "app.kubernetes.io/component": "trainer",
         **MANAGED_BY,
-        f"{GROUP}/training": label_value(owner),
+        f"{contract.GROUP}/training": label_value(owner),
     }
 
 
 def owner_reference(resource: dict) -> dict:
     meta = resource["metadata"]
     return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
+        "apiVersion": contract.API_VERSION,
+        "kind": contract.KIND,
         "name": meta["name"],
         "uid": meta["uid"],
         "controller": True,
@@ -151,21 +126,21 @@ def trainer_command(spec: dict, job: str, service: str) -> list[str]:
     launcher, instseg_trainer/launch.py) when more than one process trains (several GPUs per
     pod, or several pods)."""
     train = [
-        "train",
+        contract.TRAIN_COMMAND,
         spec["template"],
-        "--train-data-roots", f"{DATA_MOUNT}/train",
-        "--val-data-roots", f"{DATA_MOUNT}/val",
-        "--output", OUTPUT_MOUNT,
-        "--device", "auto",
+        contract.TRAIN_DATA_FLAG, f"{DATA_MOUNT}/train",
+        contract.VAL_DATA_FLAG, f"{DATA_MOUNT}/val",
+        contract.OUTPUT_FLAG, OUTPUT_MOUNT,
+        contract.DEVICE_FLAG, "auto",
     ]  # fmt: skip
-    for key, flag in HYPERPARAMETER_FLAGS.items():
+    for key, flag in contract.HYPERPARAMETER_FLAGS.items():
         value = (spec.get("hyperparameters") or {}).get(key)
         if value is not None:
             train += [flag, str(value)]
     workers = int(spec.get("workers", 1))
     gpus = int((spec.get("resources") or {}).get("gpus", 1))
     if workers == 1 and gpus <= 1:
-        return ["instseg", *train]
+        return [contract.TRAINER_SCRIPT, *train]
     if workers == 1:
         rendezvous = ["--standalone"]
     else:
@@ -176,11 +151,11 @@ def trainer_command(spec: dict, job: str, service: str) -> list[str]:
             "--rdzv-id", job, "--max-restarts", str(MAX_GROUP_RESTARTS),
         ]  # fmt: skip
     return [
-        *LAUNCHER,
+        "python", "-m", contract.LAUNCHER_MODULE,
         "--nnodes", str(workers),
         "--nproc-per-node", str(max(gpus, 1)),
         *rendezvous,
-        "-m", "instseg_trainer.cli",
+        "-m", contract.TRAINER_MODULE,
         *train,
     ]  # fmt: skip
 
@@ -233,8 +208,8 @@ def _trainer_container(resource: dict, default_image: str, mounts: list[dict]) -
     owner = meta["name"]
     workers = int(spec.get("workers", 1))
     env = [
-        {"name": ENV_NAME, "value": owner},
-        {"name": ENV_NAMESPACE, "value": meta["namespace"]},
+        {"name": contract.ENV_NAME, "value": owner},
+        {"name": contract.ENV_NAMESPACE, "value": meta["namespace"]},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if workers > 1:
@@ -329,7 +304,7 @@ def _pod_failure_policy() -> dict:
                 "onExitCodes": {
                     "containerName": "trainer",
                     "operator": "In",
-                    "values": [TRAINER_USER_ERROR_EXIT_CODE],
+                    "values": [contract.EXIT_USER_ERROR],
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
@@ -354,7 +329,7 @@ def build_headless_service(resource: dict) -> dict:
         "metadata": _metadata(resource, service_name(owner)),
         "spec": {
             "clusterIP": "None",
-            "selector": {f"{GROUP}/training": label_value(owner)},
+            "selector": {f"{contract.GROUP}/training": label_value(owner)},
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
             # workers must find each other before they are Ready
             "publishNotReadyAddresses": True,
@@ -380,8 +355,8 @@ def build_role(resource: dict) -> dict:
         "metadata": _metadata(resource, service_account_name(owner)),
         "rules": [
             {
-                "apiGroups": [GROUP],
-                "resources": [f"{PLURAL}/status"],
+                "apiGroups": [contract.GROUP],
+                "resources": [f"{contract.PLURAL}/status"],
                 "resourceNames": [owner],
                 "verbs": ["get", "patch"],
             }

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 
+from instseg_contract import PHASES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
 TRAINING_LABELS = ("namespace", "name", "template")
 
 # status.progress field → (gauge name, help)

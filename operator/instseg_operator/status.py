@@ -6,21 +6,10 @@ operator derives the same status.
 
 from __future__ import annotations
 
+from instseg_contract import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED
+
 from .manifests import QUEUE_LABEL
 
-PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
-    "Pending",
-    "Running",
-    "Succeeded",
-    "Failed",
-    "Suspended",
-)
-# Ready is the summary tools read (kstatus, Argo CD, Flux, `kubectl wait`): True once the
-# training succeeded, and always the reason and message of the current phase; the others are
-# the types Kubeflow's training jobs have, plus Scheduled
-CONDITION_TYPES = (
-    "Created", "Scheduled", "Running", "Restarting", "Succeeded", "Failed", "Suspended", "Ready",
-)  # fmt: skip
 # reasons that mean a trainer pod was scheduled: Scheduled is True and never carries them
 POD_REASONS = {
     "Training", "Finishing", "Completed", "Restarting", "OOMKilled", "BackoffLimitExceeded",

@@ -8,12 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from instseg_contract import EXIT_USER_ERROR
+
 from instseg_trainer import __version__
 from instseg_trainer.errors import InstsegError
 
 log = logging.getLogger("instseg")
 
-EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from instseg_operator.manifests import ENV_NAME, ENV_NAMESPACE, GROUP, PLURAL, VERSION
+from instseg_contract import ENV_NAME, ENV_NAMESPACE, GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,69 @@
+"""What the instseg operator and its trainer agree on, in one place.
+
+Standard library only: the operator's image has no torch, the trainer imports no kopf. The
+operator builds the trainer's command line from the flags here and reads the phases; the
+trainer finds its resource through the env names and writes the progress fields;
+tests/test_contract.py checks the CRD schema against this module.
+"""
+
+from __future__ import annotations
+
+# ---- the resource
+GROUP = "instseg.io"
+VERSION = "v1alpha1"
+KIND = "InstanceSegTraining"
+PLURAL = "instancesegtrainings"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# env the operator sets on the trainer container: the resource whose status.progress the
+# trainer patches
+ENV_NAME = "INSTSEG_RESOURCE_NAME"
+ENV_NAMESPACE = "INSTSEG_RESOURCE_NAMESPACE"
+
+# ---- status.phase and status.conditions
+PENDING = "Pending"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+PHASES = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+# Ready is the summary tools read (kstatus, Argo CD, Flux, `kubectl wait`); the others are
+# the types Kubeflow's training jobs have, plus Scheduled
+CONDITION_TYPES = (
+    "Created", "Scheduled", "Running", "Restarting", "Succeeded", "Failed", "Suspended", "Ready",
+)  # fmt: skip
+
+# ---- the trainer's command line
+TRAINER_MODULE = "instseg_trainer.cli"  # `python -m`; the `instseg` console script runs it
+TRAINER_SCRIPT = "instseg"
+# torchrun for several processes, rejoining a rendezvous whose host is replaced
+LAUNCHER_MODULE = "instseg_trainer.launch"
+TRAIN_COMMAND = "train"
+TRAIN_DATA_FLAG = "--train-data-roots"
+VAL_DATA_FLAG = "--val-data-roots"
+OUTPUT_FLAG = "--output"
+DEVICE_FLAG = "--device"
+# spec.hyperparameters key → `instseg train` flag
+HYPERPARAMETER_FLAGS = {
+    "epochs": "--epochs",
+    "batchSize": "--batch-size",
+    "learningRate": "--learning-rate",
+    "inputSize": "--input-size",
+    "warmupIterations": "--warmup-iterations",
+    "earlyStoppingPatience": "--early-stopping-patience",
+    "seed": "--seed",
+    "backboneWeights": "--backbone-weights",
+}
+# the trainer's exit code for bad input (its data, its flags): no retry can fix it
+EXIT_USER_ERROR = 2
+
+# ---- progress: the trainer's events, and the status.progress fields they update
+EVENT_KINDS = ("start", "iteration", "epoch", "validation", "final")
+PROGRESS_FIELDS = (
+    "epoch", "totalEpochs", "epochText", "iteration", "loss", "learningRate",
+    "imagesPerSecond", "etaSeconds", "bestCheckpoint", "metrics", "updatedAt",
+)  # fmt: skip
+PROGRESS_METRIC_FIELDS = (
+    "segmMap", "segmMap50", "bboxMap", "bboxMap50", "fMeasure", "bestSegmMap", "bestBboxMap",
+    "bestEpoch",
+)  # fmt: skip

@@ -1,0 +1,68 @@
+"""The contract between operator and trainer (instseg_contract) is what the CRD declares and
+what both sides use."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import instseg_contract as contract
+import yaml
+
+from instseg_operator.manifests import trainer_command
+from instseg_operator.status import build_conditions
+from instseg_trainer.cli import build_parser
+from instseg_trainer.reporting.kubernetes_status import progress_patch
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = yaml.safe_load((ROOT / "crds" / "instancesegtrainings.yaml").read_text())
+(VERSION,) = CRD["spec"]["versions"]
+SCHEMA = VERSION["schema"]["openAPIV3Schema"]["properties"]
+
+
+def test_the_crd_names_the_contracts_resource() -> None:
+    names = CRD["spec"]["names"]
+    assert (CRD["spec"]["group"], VERSION["name"]) == (contract.GROUP, contract.VERSION)
+    assert (names["kind"], names["plural"]) == (contract.KIND, contract.PLURAL)
+
+
+def test_phases_and_conditions_are_the_contracts() -> None:
+    assert tuple(SCHEMA["status"]["properties"]["phase"]["enum"]) == contract.PHASES
+    conditions = build_conditions([], contract.RUNNING, "Training", "", "now", 1, True)
+    assert tuple(c["type"] for c in conditions) == contract.CONDITION_TYPES
+
+
+def test_every_hyperparameter_of_the_crd_reaches_the_trainer_as_a_flag_it_parses() -> None:
+    declared = SCHEMA["spec"]["properties"]["hyperparameters"]["properties"]
+    assert set(declared) == set(contract.HYPERPARAMETER_FLAGS)
+    values = {key: 3 for key in declared} | {"backboneWeights": "none", "learningRate": 0.01}
+    command = trainer_command({"template": "MaskRCNN-ResNet50", "hyperparameters": values},
+                              "job", "service")  # fmt: skip
+    assert command[0] == contract.TRAINER_SCRIPT
+    args = build_parser().parse_args(command[1:])
+    assert (args.epochs, args.batch_size, args.learning_rate) == (3, 3, 0.01)
+    for flag in contract.HYPERPARAMETER_FLAGS.values():
+        assert flag in command
+
+
+def test_progress_fields_are_the_crds() -> None:
+    progress = SCHEMA["status"]["properties"]["progress"]["properties"]
+    assert set(progress) == set(contract.PROGRESS_FIELDS)
+    assert set(progress["metrics"]["properties"]) == set(contract.PROGRESS_METRIC_FIELDS)
+    validation = {"event": "validation", "time": 1.0, "epoch": 2, "total_epochs": 3,
+                  "iteration": 8, "metrics": {"segm": {"map": 0.5, "map50": 0.7},
+                  "bbox": {"map": 0.4, "map50": 0.6}, "f_measure": {"best": {"f_measure": 0.6}}},
+                  "best": {"epoch": 2, "segm_map": 0.5, "bbox_map": 0.4}}  # fmt: skip
+    patch = progress_patch(validation)
+    assert set(patch) <= set(contract.PROGRESS_FIELDS)
+    assert set(patch["metrics"]) == set(contract.PROGRESS_METRIC_FIELDS)
+
+
+def test_the_contract_needs_only_the_standard_library() -> None:
+    tree = ast.parse(Path(contract.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}  # fmt: skip
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}  # fmt: skip
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
