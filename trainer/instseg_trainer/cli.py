@@ -232,8 +232,8 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from instseg_trainer.engine.inference import TrainedModel, evaluate_dataset
     from instseg_trainer.engine.trainer import check_output_dir
+    from instseg_trainer.evaluation.inference import TrainedModel, evaluate_dataset
 
     check_output_dir(args.output)  # before the work, not after it
     trained = TrainedModel(args.weights, args.device)
@@ -246,8 +246,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from instseg_trainer.engine.inference import TrainedModel, predict_images
     from instseg_trainer.engine.trainer import check_output_dir
+    from instseg_trainer.evaluation.inference import TrainedModel, predict_images
 
     check_output_dir(args.output)
     trained = TrainedModel(args.weights, args.device)

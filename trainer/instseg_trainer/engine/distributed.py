@@ -95,3 +95,8 @@ def setup_distributed(device: str = "auto") -> Distributed:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
     return Distributed(rank, world_size, local_rank, target)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA; none on CPU (measured 7x slower there without AMX)."""
+    return torch.bfloat16 if device.type == "cuda" else None

@@ -28,12 +28,17 @@ from instseg_trainer.engine.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from instseg_trainer.engine.distributed import Distributed, configure_device, setup_distributed
+from instseg_trainer.engine.distributed import (
+    Distributed,
+    amp_dtype,
+    configure_device,
+    setup_distributed,
+)
 from instseg_trainer.engine.early_stopping import EarlyStopping
 from instseg_trainer.engine.ema import build_ema
-from instseg_trainer.engine.evaluator import amp_dtype, coco_results, score
 from instseg_trainer.engine.schedule import WarmupPlateauSchedule
 from instseg_trainer.errors import CheckpointError, DataError, InstsegError
+from instseg_trainer.evaluation.evaluator import coco_results, score
 from instseg_trainer.models.mask_rcnn import build_model, to_model_input
 from instseg_trainer.reporting.curves import plot_curves
 from instseg_trainer.reporting.reporters import METRICS_FILENAME, MultiReporter, Reporter

@@ -17,11 +17,6 @@ from instseg_trainer.models.mask_rcnn import predict_batch, to_model_input
 MASK_THRESHOLD = 0.5
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA; none on CPU (measured 7x slower there without AMX)."""
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
 def detections_to_numpy(detection: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """One image's detections (from predict_batch) → numpy."""
     out = {

@@ -14,10 +14,15 @@ from torch.utils.data import DataLoader
 from instseg_trainer.data.coco import ImageRecord, image_size, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
 from instseg_trainer.engine.checkpoint import load_checkpoint
-from instseg_trainer.engine.distributed import Distributed, configure_device, resolve_device
-from instseg_trainer.engine.evaluator import amp_dtype, coco_results, predict, score
+from instseg_trainer.engine.distributed import (
+    Distributed,
+    amp_dtype,
+    configure_device,
+    resolve_device,
+)
 from instseg_trainer.errors import CheckpointError, DataError
 from instseg_trainer.evaluation.coco_eval import to_coco_results
+from instseg_trainer.evaluation.evaluator import coco_results, predict, score
 from instseg_trainer.models.mask_rcnn import build_model
 from instseg_trainer.reporting.overlay import draw_overlay
 
