@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from instseg_trainer.errors import CheckpointError
+from instseg_trainer.files import atomic_write
 
 FORMAT = "instseg-checkpoint/1"
 LAST = "last.pt"
@@ -18,19 +17,9 @@ BEST = "best.pt"
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Writes to a temporary file beside `path`, fsyncs, then renames over it: a crash or a
-    full disk never leaves a half-written checkpoint where a good one was."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Saves `state` atomically: a crash or a full disk never leaves a half-written
+    checkpoint where a good one was."""
+    atomic_write(Path(path), lambda file: torch.save({"format": FORMAT, **state}, file))
 
 
 def load_checkpoint(path: Path) -> dict:

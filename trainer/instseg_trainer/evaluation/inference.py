@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from instseg_trainer.engine.distributed import (
 from instseg_trainer.errors import CheckpointError, DataError
 from instseg_trainer.evaluation.coco_eval import to_coco_results
 from instseg_trainer.evaluation.evaluator import coco_results, predict, score
+from instseg_trainer.files import atomic_write
 from instseg_trainer.models.mask_rcnn import build_model
 from instseg_trainer.reporting.overlay import draw_overlay
 
@@ -73,11 +72,8 @@ class TrainedModel:
 
 
 def write_json(obj, path: Path) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    """Writes `obj` as JSON, atomically."""
+    atomic_write(path, lambda file: file.write(json.dumps(obj).encode("utf-8")))
 
 
 def evaluate_dataset(

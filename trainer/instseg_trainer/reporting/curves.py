@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from instseg_trainer.files import atomic_write
 
 Event = dict[str, Any]
 
@@ -143,14 +143,5 @@ def plot_curves(metrics_jsonl: Path, out_png: Path) -> Path:
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{out_png.name}.", dir=out_png.parent)
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            figure.savefig(temp_file, format="png", dpi=100)
-        # mkstemp makes the file private (0600); the plot is meant to be read by anyone.
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, out_png)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
+    atomic_write(out_png, lambda file: figure.savefig(file, format="png", dpi=100))
     return out_png
