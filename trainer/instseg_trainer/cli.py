@@ -58,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("templates", help="list the model templates with measured complexity")
-    p.add_argument("--no-measure", action="store_true", help="skip the FLOP count")
+    p = sub.add_parser(
+        "templates",
+        help="list the model templates with measured complexity",
+        description="List the three Mask R-CNN templates with their input size and their "
+        "measured GFLOPs, parameters and size, beside the figures OTX publishes.",
+    )
+    p.add_argument("--no-measure", action="store_true", help="skip the FLOP count (faster)")
     p.set_defaults(func=cmd_templates)
 
     p = sub.add_parser(
@@ -77,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=_positive_int, help="longer image side (multiple of 32)")
     p.add_argument("--warmup-iterations", type=int, help="linear warmup length")
     p.add_argument("--early-stopping-patience", type=int, help="validations without gain; 0=off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed of weights, order and flips (default: 0)"
+    )
     p.add_argument(
         "--backbone-weights",
         help="imagenet (torchvision download), none (random init) or PATH to a state dict; "
@@ -96,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="score a checkpoint on a COCO dataset")
+    p = sub.add_parser(
+        "eval",
+        help="score a checkpoint on a COCO dataset",
+        description="Score a checkpoint on a COCO subset: segm and bbox mAP, per-class AP and "
+        "the F-measure; writes metrics.json, predictions.json and ground_truth.json to OUTPUT.",
+    )
     p.add_argument("--weights", required=True, type=Path, help="best.pt or last.pt")
     p.add_argument("--data-roots", required=True, type=Path, help="COCO root to score on")
     p.add_argument("--subset", help="subset name when the root has several (default: test, val)")
@@ -110,10 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="run a checkpoint on images; write overlays")
+    p = sub.add_parser(
+        "predict",
+        help="run a checkpoint on images; write overlays",
+        description="Run a checkpoint on an image or a directory of images; writes an overlay "
+        "PNG per image and all detections as COCO results (predictions.json) to OUTPUT.",
+    )
     p.add_argument("--weights", required=True, type=Path, help="best.pt or last.pt")
     p.add_argument("--input", required=True, type=Path, help="an image or a directory of images")
-    p.add_argument("--output", type=Path, default=Path("predictions"))
+    p.add_argument(
+        "--output", type=Path, default=Path("predictions"), help="default: ./predictions"
+    )
     p.add_argument(
         "--score-threshold",
         type=float,
@@ -124,11 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("sample-data", help="write the synthetic COCO sample dataset")
-    p.add_argument("directory", type=Path)
-    p.add_argument("--train-images", type=_positive_int, default=96)
-    p.add_argument("--val-images", type=_positive_int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "sample-data",
+        help="write the synthetic COCO sample dataset",
+        description="Write a small deterministic synthetic COCO dataset (filled shapes on a "
+        "noisy background; polygon, RLE and crowd annotations) with subsets train and val.",
+    )
+    p.add_argument("directory", type=Path, help="the dataset root to write")
+    p.add_argument(
+        "--train-images", type=_positive_int, default=96, help="images in train (default: 96)"
+    )
+    p.add_argument(
+        "--val-images", type=_positive_int, default=24, help="images in val (default: 24)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)"
+    )
     p.set_defaults(func=cmd_sample_data)
     return parser
 
@@ -136,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_templates(args: argparse.Namespace) -> int:
     from instseg_trainer.templates import all_templates
 
-    rows = [("Template", "OTX id", "Input", "GFLOPs (seed)", "Params M", "Size MB (seed)")]
+    rows = [("Template", "OTX id", "Input", "GFLOPs (OTX)", "Params M", "Size MB (OTX)")]
     for t in all_templates():
         if args.no_measure:
             gflops, params, size = "-", "-", "-"
@@ -154,9 +184,9 @@ def cmd_templates(args: argparse.Namespace) -> int:
                 t.name,
                 t.otx_id,
                 str(t.input_size),
-                f"{gflops} ({t.seed['gflops']})",
+                f"{gflops} ({t.published['gflops']})",
                 params,
-                f"{size} ({t.seed['size_mb']})",
+                f"{size} ({t.published['size_mb']})",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -168,11 +198,11 @@ def cmd_templates(args: argparse.Namespace) -> int:
         print(
             "\nMeasured: torch FLOP counter (2 x multiply-adds) at the input size, "
             "box head on the test-time proposals, mask head on 100 detections; "
-            "size = fp32 parameters. In brackets: the OTX seed table."
+            "size = fp32 parameters. In brackets: the figures OTX publishes for its templates."
         )
     for t in all_templates():
-        if t.seed.get("note"):
-            print(f"{t.name}: {t.seed['note']}")
+        if t.published.get("note"):
+            print(f"{t.name}: {t.published['note']}")
     return 0
 
 

@@ -21,7 +21,7 @@ class Template:
     input_size: int
     model: dict
     hyperparameters: dict
-    seed: dict
+    published: dict  # OTX's published complexity: gflops, size_mb and an optional note
 
     def with_overrides(self, **overrides) -> Template:
         """A copy with hyperparameters (or `input_size`) replaced; None values are ignored."""
@@ -39,7 +39,7 @@ class Template:
                 raise TemplateError(f"unknown hyperparameter '{key}'; known: {known}, input_size")
         _check(self.name, input_size, hyper)
         return Template(
-            self.name, self.otx_id, self.summary, input_size, self.model, hyper, self.seed
+            self.name, self.otx_id, self.summary, input_size, self.model, hyper, self.published
         )
 
 
@@ -69,7 +69,7 @@ def _load(file_name: str) -> Template:
         input_size=int(raw["input_size"]),
         model=raw["model"],
         hyperparameters=raw["hyperparameters"],
-        seed=raw["seed"],
+        published=raw["otx_published"],
     )
 
 
