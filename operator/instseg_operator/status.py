@@ -6,6 +6,8 @@ operator derives the same status.
 
 from __future__ import annotations
 
+import re
+
 from instseg_contract import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED
 
 from .manifests import QUEUE_LABEL
@@ -39,6 +41,21 @@ REFUSALS = (
     ("error looking up service account", "ServiceAccountNotFound"),
 )
 REFUSAL_REASONS = {reason for _, reason in REFUSALS} | {"PodCreationFailed"}
+# what the user can change, per refusal
+REFUSAL_ADVICE = {
+    "PodSecurityViolation": "the namespace's Pod Security level forbids what the trainer pod "
+    "asks for: drop it from spec.podTemplate, or train in a namespace that allows it",
+    "QuotaExceeded": "free the namespace's quota (kubectl describe resourcequota) or ask for "
+    "less in spec.resources; the Job retries by itself",
+    "LimitRangeViolation": "keep spec.resources within the namespace's LimitRange "
+    "(kubectl describe limitrange)",
+    "PriorityClassNotFound": "create the PriorityClass, or correct "
+    "spec.podTemplate.spec.priorityClassName",
+    "ServiceAccountNotFound": "create the ServiceAccount, or correct "
+    "spec.podTemplate.spec.serviceAccountName",
+}
+# the API server's prefix names a pod that never existed (each retry has a new name)
+REFUSED_POD = re.compile(r'^pods "[^"]*" is forbidden: ')
 
 
 def refusal_reason(message: str) -> str:
@@ -67,7 +84,8 @@ def current_refusal(events: list[dict], pods: list[dict]) -> str | None:
     if any(stamp >= when(latest)[:19] for stamp in created):
         return None
     message = latest.get("message") or "the Job controller could not create the trainer pod"
-    return message.removeprefix("Error creating: ")  # the Job controller's own prefix
+    message = message.removeprefix("Error creating: ")  # the Job controller's own prefix
+    return REFUSED_POD.sub("", message)
 
 
 def _job_condition(job: dict, kind: str) -> dict | None:
@@ -183,8 +201,10 @@ def derive_phase(
         # the trainer exited 0 and the Job controller has not written Complete yet
         return RUNNING, "Finishing", "the trainer finished; the Job is completing"
     if refusal and not live:
+        reason = refusal_reason(refusal)
+        advice = REFUSAL_ADVICE.get(reason)
         message = f"the API server refuses the trainer pod: {refusal}"
-        return PENDING, refusal_reason(refusal), message
+        return PENDING, reason, f"{message}; {advice}" if advice else message
     failures = max(status.get("failed") or 0, phases.count("Failed"))
     if failures:
         return PENDING, "Restarting", f"{failures} failed attempt(s); retrying"
