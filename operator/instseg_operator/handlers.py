@@ -422,33 +422,23 @@ def _announce(training: dict, previous: dict, new: dict, logger: logging.Logger)
 
 
 @kopf.on.create(*TRAINING)
-def on_create(
+@kopf.on.resume(*TRAINING)
+@kopf.on.update(*TRAINING, field="spec")
+def reconcile(
     body: kopf.Body,
+    reason: kopf.Reason,
     logger: logging.Logger,
     retry: int,
     training_jobs: kopf.Index,
     job_pods: kopf.Index,
     **_,
 ) -> None:
+    """A training created, changed, or found at the operator's start: its children."""
     training = _plain(body)
-    if retry == 0:
+    if reason == kopf.Reason.CREATE and retry == 0:
         METRICS.count_created(training["spec"].get("template", ""))
     with METRICS.reconcile_seconds.time():
         ensure(training, Children(training_jobs, job_pods), logger, retry)
-
-
-@kopf.on.resume(*TRAINING)
-@kopf.on.update(*TRAINING, field="spec")
-def on_change(
-    body: kopf.Body,
-    logger: logging.Logger,
-    retry: int,
-    training_jobs: kopf.Index,
-    job_pods: kopf.Index,
-    **_,
-) -> None:
-    with METRICS.reconcile_seconds.time():
-        ensure(_plain(body), Children(training_jobs, job_pods), logger, retry)
 
 
 @kopf.timer(*TRAINING, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)

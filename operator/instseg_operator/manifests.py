@@ -56,6 +56,7 @@ SUSPEND_ANNOTATION = f"{contract.GROUP}/suspend-requested"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PASSED_LABELS = (QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
 # on every child: the operator watches only its own Jobs and Pods
+RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "instseg-operator"}
 
 
@@ -119,6 +120,11 @@ def _metadata(resource: dict, name: str) -> dict:
         "labels": labels(meta["name"]),
         "ownerReferences": [owner_reference(resource)],
     }
+
+
+def _child(resource: dict, api_version: str, kind: str, name: str) -> dict:
+    """A child object's apiVersion, kind and metadata (owned by `resource`)."""
+    return {"apiVersion": api_version, "kind": kind, "metadata": _metadata(resource, name)}
 
 
 def trainer_command(spec: dict, job: str, service: str) -> list[str]:
@@ -324,9 +330,7 @@ def build_headless_service(resource: dict) -> dict:
     """The headless Service that gives multi-node pods stable DNS names for rendezvous."""
     owner = resource["metadata"]["name"]
     return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(resource, service_name(owner)),
+        **_child(resource, "v1", "Service", service_name(owner)),
         "spec": {
             "clusterIP": "None",
             "selector": {f"{contract.GROUP}/training": label_value(owner)},
@@ -339,20 +343,14 @@ def build_headless_service(resource: dict) -> dict:
 
 def build_service_account(resource: dict) -> dict:
     owner = resource["metadata"]["name"]
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _metadata(resource, service_account_name(owner)),
-    }
+    return _child(resource, "v1", "ServiceAccount", service_account_name(owner))
 
 
 def build_role(resource: dict) -> dict:
     """May read and patch the status of this one training, nothing else."""
     owner = resource["metadata"]["name"]
     return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _metadata(resource, service_account_name(owner)),
+        **_child(resource, RBAC_API_VERSION, "Role", service_account_name(owner)),
         "rules": [
             {
                 "apiGroups": [contract.GROUP],
@@ -368,9 +366,7 @@ def build_role_binding(resource: dict) -> dict:
     owner = resource["metadata"]["name"]
     name = service_account_name(owner)
     return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _metadata(resource, name),
+        **_child(resource, RBAC_API_VERSION, "RoleBinding", name),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
         "subjects": [
             {
