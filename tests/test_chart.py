@@ -300,7 +300,7 @@ def test_defaults_serve_all_namespaces_with_cluster_peering(monkeypatch):
     assert "--all-namespaces" in command
     assert "--peering=instseg" in command
     assert "--liveness=http://0.0.0.0:8080/healthz" in command
-    assert "--log-format=full" in command
+    assert "--log-format=json" in command
     assert "--debug" not in command and "--quiet" not in command
     assert one(objects, "ClusterKopfPeering")["metadata"]["name"] == "instseg"
     assert env(objects)["INSTSEG_TRAINER_IMAGE"] == manifests.DEFAULT_IMAGE
@@ -319,6 +319,21 @@ def test_values_reach_the_operator_command(monkeypatch):
     assert env(objects)["INSTSEG_PEERING_PRIORITY"] == "100"
     assert env(objects)["INSTSEG_TRAINER_IMAGE"] == "registry.example/trainer:dev"
     assert env(objects)["KOPF_EXTRA"] == "1"
+
+
+@pytest.mark.parametrize("log_format", ["plain", "full"])
+def test_text_logs_are_a_value_away_from_the_default_json(monkeypatch, log_format):
+    assert "--log-format=json" in _kopf_command(render(), monkeypatch)
+    command = _kopf_command(render({"logFormat": log_format}), monkeypatch)
+    assert f"--log-format={log_format}" in command and "--log-format=json" not in command
+
+
+def test_an_unknown_log_format_is_refused_by_the_values_schema(tmp_path):
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"logFormat": "xml"}))
+    done = _run_helm("template", "instseg", str(CHART), "--values", str(path))
+    assert done.returncode != 0
+    assert "value must be one of 'plain', 'full', 'json'" in done.stderr
 
 
 def test_peering_off_runs_standalone_without_peering_objects(monkeypatch):

@@ -219,6 +219,20 @@ def test_bad_input_fails_at_once_with_the_trainers_own_words() -> None:
     )
 
 
+def test_the_trainers_words_are_the_message_of_its_last_json_log_line() -> None:
+    rule = cond("Failed", "PodFailurePolicy", "exit code 2 matching FailJob rule at index 0")
+    said = (
+        '{"time": "2026-11-30T21:00:00.100Z", "level": "INFO", "logger": "x", "message": "go"}\n'
+        '{"time": "2026-11-30T21:00:00.200Z", "level": "ERROR", "logger": "instseg", '
+        '"message": "instseg train: error: dataset root \'/data/train\' does not exist"}\n'
+    )
+    failed = pod("Failed", terminated={"exitCode": 2, "reason": "Error", "message": said})
+    _, _, message = derive_phase(job(failed=1, conditions=[rule]), [failed])
+    assert message.endswith(
+        "last trainer exit code 2: instseg train: error: dataset root '/data/train' does not exist"
+    )
+
+
 def _conditions(phase: str, reason: str, created: bool = True) -> dict[str, tuple[str, str]]:
     made = build_conditions([], phase, reason, f"{reason} message", NOW, 1, created)
     return {c["type"]: (c["status"], c["reason"]) for c in made}

@@ -6,6 +6,7 @@ operator derives the same status.
 
 from __future__ import annotations
 
+import json
 import re
 
 from instseg_contract import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED
@@ -111,9 +112,17 @@ def _last_termination(pods: list[dict]) -> dict | None:
 
 
 def _last_line(text: str | None) -> str:
-    """The trainer's own last words (its error line) from a termination message."""
+    """The trainer's own last words (its error line) from a termination message; of a JSON
+    log line (what the trainer writes in a pod), its message."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1][:500] if lines else ""
+    if not lines:
+        return ""
+    try:
+        entry = json.loads(lines[-1])
+    except ValueError:
+        entry = None
+    said = entry.get("message") if isinstance(entry, dict) else None
+    return (said.strip() if isinstance(said, str) else lines[-1])[:500]
 
 
 def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:

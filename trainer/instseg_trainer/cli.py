@@ -7,11 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from instseg_contract import EXIT_USER_ERROR
 
 from instseg_trainer import __version__
 from instseg_trainer.errors import InstsegError
+from instseg_trainer.logs import configure_logging, log_failure, logs_json
 
 log = logging.getLogger("instseg")
 
@@ -39,6 +41,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the CLI's other failures: one JSON line when stderr is not a terminal."""
+
+    def error(self, message: str) -> NoReturn:
+        if not logs_json():
+            super().error(message)
+        log_failure(f"{self.prog}: error: {message}")
+        sys.exit(2)
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument(
@@ -50,7 +62,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="instseg",
         description="Train, evaluate and run Mask R-CNN instance-segmentation models.",
     )
@@ -321,18 +333,14 @@ def user_message(error: InstsegError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except InstsegError as e:
-        print(f"instseg {args.command}: error: {user_message(e)}", file=sys.stderr)
+        log_failure(f"instseg {args.command}: error: {user_message(e)}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"instseg {args.command}: interrupted", file=sys.stderr)
+        log_failure(f"instseg {args.command}: interrupted")
         return 130
 
 

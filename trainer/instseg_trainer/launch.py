@@ -21,6 +21,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.run import parse_args, run
 
 from .cli import EXIT_USER_ERROR
+from .logs import configure_logging
 
 RETRY_SECONDS = 300
 RETRY_PAUSE_SECONDS = 2
@@ -54,7 +55,7 @@ def launch(argv: list[str]) -> int:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     return launch(sys.argv[1:])
 
 
