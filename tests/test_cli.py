@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,30 @@ def test_templates_speak_of_otxs_published_figures(measured, capsys, flags) -> N
     assert "MaskRCNN-ResNet50" in out and "(533.8)" in out
     if not flags:
         assert "In brackets: the figures OTX publishes" in out
+
+
+def test_roots_flags_take_several_roots_comma_separated_or_repeated() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "train",
+            "MaskRCNN-ResNet50",
+            "--train-data-roots",
+            "/d/a,/d/b",
+            "--train-data-roots",
+            "/d/c",
+            "--val-data-roots",
+            "/d/v",
+        ]  # fmt: skip
+    )
+    assert args.train_data_roots == [Path("/d/a"), Path("/d/b"), Path("/d/c")]
+    assert args.val_data_roots == [Path("/d/v")]
+    args = parser.parse_args(["eval", "--weights", "best.pt", "--data-roots", "/d/a, /d/b"])
+    assert args.data_roots == [Path("/d/a"), Path("/d/b")]
+
+
+def test_a_roots_flag_without_a_path_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--weights", "best.pt", "--data-roots", ","])
+    assert exited.value.code == 2
+    assert "--data-roots: expected comma-separated paths" in capsys.readouterr().err

@@ -10,10 +10,12 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from instseg_trainer.data.coco import load_coco_subset
+from instseg_trainer.data.coco import CocoSubset, load_coco_roots, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
 from instseg_trainer.data.sampler import EpochSampler
 from instseg_trainer.data.transforms import fitted_size, transform_instances
+from instseg_trainer.errors import DataError
+from instseg_trainer.sample_data import write_sample_dataset
 
 
 def test_import_keeps_dataset_ids_and_all_mask_kinds(sample_root: Path) -> None:
@@ -49,6 +51,85 @@ def test_ground_truth_round_trips_the_annotations(sample_root: Path) -> None:
         )
         assert np.array_equal(ours, theirs)
         assert ann["area"] == raw_by_id[ann["id"]]["area"]
+
+
+ANNOTATIONS = ("annotations", "instances_train.json")
+
+
+@pytest.fixture
+def second_root(tmp_path: Path) -> Path:
+    """Another sample dataset of the same classes (5 train images, other shapes)."""
+    root = tmp_path / "second"
+    write_sample_dataset(root, num_train=5, num_val=3, seed=8)
+    return root
+
+
+def test_several_roots_are_one_subset_with_unique_ids(
+    sample_root: Path, second_root: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(second_root.parent)
+    merged = load_coco_roots([sample_root, Path("second")], "train")  # a relative root too
+    first, second = load_coco_subset(sample_root, "train"), load_coco_subset(second_root, "train")
+    assert merged.annotation_files == (first.annotation_file, Path("second", *ANNOTATIONS))
+    assert (merged.class_names, merged.category_ids) == (first.class_names, first.category_ids)
+    assert [r.path for r in merged.records] == [r.path for r in first.records + second.records]
+    assert all(r.path.is_absolute() and r.path.is_file() for r in merged.records)
+    count = len(first.records) + len(second.records)
+    assert [r.image_id for r in merged.records] == list(range(1, count + 1))
+    instances = [i for r in merged.records for i in r.instances]
+    assert len({i.annotation_id for i in instances}) == len(instances)
+    gt = merged.ground_truth()
+    # the ground truth is the union of both files', under the new ids
+    assert len(gt["images"]) == count
+    assert len(gt["annotations"]) == len(first.ground_truth()["annotations"]) + len(
+        second.ground_truth()["annotations"]
+    )
+    images = {i["id"]: i for i in gt["images"]}
+    by_id = {a["id"]: a for a in gt["annotations"]}
+    for record in merged.records:
+        assert images[record.image_id]["file_name"] == str(record.path)
+        for inst in record.instances:
+            assert by_id[inst.annotation_id]["image_id"] == record.image_id
+            assert merged.category_ids[inst.label] == by_id[inst.annotation_id]["category_id"]
+
+
+def _as_loaded(subset: CocoSubset) -> tuple:
+    records = [
+        (
+            r.image_id,
+            r.path,
+            r.width,
+            r.height,
+            [(i.label, i.box, i.annotation_id) for i in r.instances],
+        )
+        for r in subset.records
+    ]
+    return subset.name, subset.annotation_files, subset.class_names, records, subset.raw
+
+
+def test_one_root_is_loaded_as_before(sample_root: Path) -> None:
+    one = load_coco_roots([sample_root], "val")
+    assert _as_loaded(one) == _as_loaded(load_coco_subset(sample_root, "val"))
+
+
+def test_roots_with_other_categories_are_refused_naming_both(
+    sample_root: Path, second_root: Path
+) -> None:
+    path = second_root.joinpath(*ANNOTATIONS)
+    coco = json.loads(path.read_text())
+    coco["categories"][0]["name"] = "ellipse"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError) as refused:
+        load_coco_roots([sample_root, second_root], "train")
+    message = str(refused.value)
+    assert str(sample_root.joinpath(*ANNOTATIONS)) in message
+    assert str(path) in message
+    assert "(1, 'circle')" in message and "(1, 'ellipse')" in message
+
+
+def test_a_root_given_twice_is_refused(sample_root: Path) -> None:
+    with pytest.raises(DataError, match="more than once"):
+        load_coco_roots([sample_root, sample_root / ".." / sample_root.name], "train")
 
 
 def _rles(segmentation, h: int, w: int) -> list:

@@ -103,7 +103,7 @@ def test_the_command_is_one_the_trainer_accepts() -> None:
     args = build_parser().parse_args(command[1:])
     assert args.command == "train" and args.template == "MaskRCNN-ResNet50"
     assert (args.epochs, args.learning_rate, args.input_size) == (5, 0.02, 800)
-    assert str(args.train_data_roots) == "/data/train" and str(args.output) == "/output"
+    assert args.train_data_roots == [Path("/data/train")] and args.output == Path("/output")
 
 
 def test_multi_node_is_an_indexed_job_with_torchrun_and_a_headless_service() -> None:

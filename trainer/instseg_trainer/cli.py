@@ -34,6 +34,26 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _paths(text: str) -> list[Path]:
+    """`a,b` → [a, b]: several dataset roots in one flag, as OTX takes them."""
+    paths = [Path(part.strip()) for part in text.split(",") if part.strip()]
+    if not paths:
+        raise argparse.ArgumentTypeError(f"expected comma-separated paths, got {text!r}")
+    return paths
+
+
+def _add_roots_arg(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    p.add_argument(
+        flag,
+        required=True,
+        type=_paths,
+        action="extend",
+        metavar="ROOT[,ROOT...]",
+        help=f"COCO root(s) {what}; several (comma-separated, or the flag repeated) are merged "
+        "and must declare the same categories",
+    )
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -85,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train TEMPLATE on COCO data. Resumes when OUTPUT already holds last.pt.",
     )
     p.add_argument("template", help="template name or OTX id (see `instseg templates`)")
-    p.add_argument("--train-data-roots", required=True, type=Path, help="COCO root for training")
-    p.add_argument("--val-data-roots", required=True, type=Path, help="COCO root for validation")
+    _add_roots_arg(p, "--train-data-roots", "for training (subset train)")
+    _add_roots_arg(p, "--val-data-roots", "for validation (subset val)")
     p.add_argument("--output", type=Path, default=Path("outputs"), help="default: ./outputs")
     p.add_argument("--epochs", type=_positive_int, help="override the template's epochs")
     p.add_argument("--batch-size", type=_positive_int, help="images per GPU/process and step")
@@ -122,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the F-measure; writes metrics.json, predictions.json and ground_truth.json to OUTPUT.",
     )
     p.add_argument("--weights", required=True, type=Path, help="best.pt or last.pt")
-    p.add_argument("--data-roots", required=True, type=Path, help="COCO root to score on")
+    _add_roots_arg(p, "--data-roots", "to score on")
     p.add_argument("--subset", help="subset name when the root has several (default: test, val)")
     p.add_argument("--output", type=Path, default=Path("eval"), help="default: ./eval")
     p.add_argument(
@@ -237,8 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InstsegError(f"--resume: '{args.output / LAST}' does not exist; nothing to resume")
     config = TrainConfig(
         template=template,
-        train_root=args.train_data_roots,
-        val_root=args.val_data_roots,
+        train_roots=args.train_data_roots,
+        val_roots=args.val_data_roots,
         output=args.output,
         device=args.device,
         num_workers=args.workers,

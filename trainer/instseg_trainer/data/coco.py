@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,15 +50,23 @@ class ImageRecord:
 
 @dataclass
 class CocoSubset:
-    """A loaded subset: records, class names and the dataset's category ids per label index."""
+    """A loaded subset: records, class names and the dataset's category ids per label index.
+
+    Loaded from several roots, it is their union: `annotation_files` names each root's file.
+    """
 
     name: str
-    annotation_file: Path
+    annotation_files: tuple[Path, ...]
     records: list[ImageRecord]
     class_names: list[str]
     category_ids: list[int]
-    raw: dict = field(default_factory=dict, repr=False)  # the parsed JSON file
+    raw: dict = field(default_factory=dict, repr=False)  # the parsed JSON (merged: rebuilt)
     skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def annotation_file(self) -> Path:
+        """The annotation file; of a subset merged from several roots, the first one's."""
+        return self.annotation_files[0]
 
     def ground_truth(self) -> dict:
         """The kept images and annotations, as the file has them (the dataset's own ids and
@@ -236,7 +245,81 @@ def load_coco_subset(root: Path, subset: str | None) -> CocoSubset:
             ", ".join(f"{n} {reason}" for reason, n in skipped.items()),
             "; ".join(problems[:3]),
         )
-    return CocoSubset(name, path, records, class_names, category_ids, data, skipped)
+    return CocoSubset(name, (path,), records, class_names, category_ids, data, skipped)
+
+
+def load_coco_roots(roots: Sequence[Path], subset: str | None) -> CocoSubset:
+    """One subset of several COCO roots as one dataset (`--train-data-roots a,b`).
+
+    Every root must declare the same categories. Image and annotation ids are renumbered
+    from 1 across the roots, so that they stay unique, and image paths are made absolute.
+    With one root this is `load_coco_subset`.
+    """
+    roots = [Path(root) for root in roots]
+    if not roots:
+        raise DataError("no dataset root given; pass at least one COCO root")
+    resolved = [root.resolve() for root in roots]
+    repeated = sorted({str(r) for r, key in zip(roots, resolved) if resolved.count(key) > 1})
+    if repeated:
+        raise DataError(f"dataset root(s) {', '.join(repeated)} given more than once")
+    parts = [load_coco_subset(root, subset) for root in roots]
+    if len(parts) == 1:
+        return parts[0]
+    for part in parts[1:]:
+        _check_same_categories(parts[0], part)
+    return _merge(parts)
+
+
+def _check_same_categories(first: CocoSubset, other: CocoSubset) -> None:
+    ours = list(zip(first.category_ids, first.class_names))
+    theirs = list(zip(other.category_ids, other.class_names))
+    if ours != theirs:
+        raise DataError(
+            f"annotation files '{first.annotation_file}' and '{other.annotation_file}' declare "
+            f"different categories (id, name): only in the first "
+            f"{[c for c in ours if c not in theirs]}, only in the second "
+            f"{[c for c in theirs if c not in ours]}; roots of one subset must declare the same"
+        )
+
+
+def _merge(parts: list[CocoSubset]) -> CocoSubset:
+    images: list[dict] = []
+    annotations: list[dict] = []
+    records: list[ImageRecord] = []
+    for part in parts:
+        raw_images = {i["id"]: i for i in part.raw["images"] if isinstance(i, dict) and "id" in i}
+        raw_annotations = {
+            a["id"]: a for a in part.raw["annotations"] if isinstance(a, dict) and "id" in a
+        }
+        for record in part.records:
+            image_id = len(images) + 1
+            instances = []
+            for instance in record.instances:
+                annotations.append(
+                    {
+                        **raw_annotations[instance.annotation_id],
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                    }
+                )
+                instances.append(replace(instance, annotation_id=len(annotations)))
+            path = record.path.absolute()
+            images.append({**raw_images[record.image_id], "id": image_id, "file_name": str(path)})
+            records.append(
+                replace(record, image_id=image_id, path=path, instances=tuple(instances))
+            )
+    first = parts[0]
+    names = list(dict.fromkeys(part.name for part in parts))
+    raw = {"images": images, "annotations": annotations, "categories": first.raw["categories"]}
+    return CocoSubset(
+        "+".join(names),
+        tuple(path for part in parts for path in part.annotation_files),
+        records,
+        first.class_names,
+        first.category_ids,
+        raw,
+        sum((part.skipped for part in parts), Counter()),
+    )
 
 
 def _reason(problem: str) -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from instseg_trainer.data.coco import ImageRecord, image_size, load_coco_subset
+from instseg_trainer.data.coco import ImageRecord, image_size, load_coco_roots
 from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
 from instseg_trainer.engine.checkpoint import load_checkpoint
 from instseg_trainer.engine.distributed import (
@@ -78,15 +79,17 @@ def write_json(obj, path: Path) -> None:
 
 def evaluate_dataset(
     trained: TrainedModel,
-    root: Path,
+    roots: Sequence[Path],
     output: Path,
     subset: str | None = None,
     batch_size: int | None = None,
     workers: int = 2,
 ) -> dict:
-    """Scores the model on a COCO subset; writes metrics.json, predictions.json (COCO
-    results, the dataset's own ids, RLE masks) and ground_truth.json (what was scored)."""
-    data = load_coco_subset(root, subset)
+    """Scores the model on a COCO subset of one root or several (merged); writes metrics.json,
+    predictions.json (COCO results, RLE masks) and ground_truth.json (what was scored). With
+    one root, image ids are the dataset's own; with several, renumbered as ground_truth.json
+    says."""
+    data = load_coco_roots(roots, subset)
     if data.class_names != trained.class_names:
         raise DataError(
             f"'{data.annotation_file}' has classes {data.class_names}, but the model "
@@ -104,7 +107,7 @@ def evaluate_dataset(
     ground_truth = data.ground_truth()
     metrics = score(ground_truth, results, trained.threshold)
     metrics["dataset"] = {
-        "annotation_file": str(data.annotation_file),
+        "annotation_files": [str(path) for path in data.annotation_files],
         "images": len(data.records),
         "skipped_annotations": dict(data.skipped),
     }
