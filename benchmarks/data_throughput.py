@@ -36,7 +36,7 @@ from train_throughput import (
 from instseg_trainer.data.coco import load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
 from instseg_trainer.engine.distributed import configure_device, resolve_device
-from instseg_trainer.engine.trainer import TrainConfig, data_loader, train_sampler_for
+from instseg_trainer.engine.run import TrainConfig, data_loader, train_sampler_for
 from instseg_trainer.models.mask_rcnn import build_model
 from instseg_trainer.sample_data import CLASS_NAMES
 from instseg_trainer.templates import Template, get_template
@@ -50,10 +50,10 @@ def pipeline_img_s(
     records = load_coco_subset(data, "train").records
     sampler = train_sampler_for(records, hyper, SEED)
     cfg = TrainConfig(
-        template, train_root=data, val_root=data, output=data, num_workers=workers, seed=SEED
+        template, train_roots=data, val_roots=data, output=data, num_workers=workers, seed=SEED
     )
     loader = data_loader(
-        InstanceSegDataset(records, template.input_size), sampler, hyper["batch_size"], cfg,
+        InstanceSegDataset(records, template.input_size), sampler, cfg,
         device,  # pinned for CUDA as in training
     )  # fmt: skip
     it = iter(loader)

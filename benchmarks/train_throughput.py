@@ -54,7 +54,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from instseg_trainer.data.coco import load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
 from instseg_trainer.engine.distributed import configure_device, resolve_device
-from instseg_trainer.engine.trainer import TrainConfig, train, train_sampler_for
+from instseg_trainer.engine.run import TrainConfig, train_sampler_for
+from instseg_trainer.engine.trainer import train
 from instseg_trainer.models.backbones import build_backbone
 from instseg_trainer.models.complexity import measure_complexity
 from instseg_trainer.models.mask_rcnn import (
@@ -63,6 +64,7 @@ from instseg_trainer.models.mask_rcnn import (
     IMAGENET_STD,
     to_model_input,
 )
+from instseg_trainer.reporting.events import Iteration, parse_time
 from instseg_trainer.reporting.reporters import MemoryReporter
 from instseg_trainer.sample_data import CLASS_NAMES, write_sample_dataset
 from instseg_trainer.templates import Template, get_template
@@ -197,8 +199,8 @@ def run_ours(
     with tempfile.TemporaryDirectory(prefix="ours-") as output:
         cfg = TrainConfig(
             template=template,
-            train_root=data,
-            val_root=data,
+            train_roots=data,
+            val_roots=data,
             output=Path(output),
             device=str(device),
             num_workers=workers,
@@ -210,8 +212,8 @@ def run_ours(
         reset_peak_memory(device)
         final = train(cfg, log)
         peak = peak_memory_mib(device)
-    at = {e["iteration"]: e["time"] for e in log.events if e["event"] == "iteration"}
-    if final["status"] != "stopped" or warmup not in at or warmup + steps not in at:
+    at = {e.iteration: parse_time(e.time) for e in log.events if isinstance(e, Iteration)}
+    if final.status != "stopped" or warmup not in at or warmup + steps not in at:
         raise RuntimeError(f"train() did not stop after {warmup + steps} iterations: {final}")
     return steps * template.hyperparameters["batch_size"] / (at[warmup + steps] - at[warmup]), peak
 

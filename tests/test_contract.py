@@ -13,6 +13,7 @@ import yaml
 from instseg_operator.manifests import trainer_command
 from instseg_operator.status import build_conditions
 from instseg_trainer.cli import build_parser
+from instseg_trainer.reporting.events import Epoch, Final, Iteration, Start, Validation
 from instseg_trainer.reporting.kubernetes_status import progress_patch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +51,13 @@ def test_progress_fields_are_the_crds() -> None:
     progress = SCHEMA["status"]["properties"]["progress"]["properties"]
     assert set(progress) == set(contract.PROGRESS_FIELDS)
     assert set(progress["metrics"]["properties"]) == set(contract.PROGRESS_METRIC_FIELDS)
-    validation = {"event": "validation", "time": 1.0, "epoch": 2, "total_epochs": 3,
-                  "iteration": 8, "metrics": {"segm": {"map": 0.5, "map50": 0.7},
-                  "bbox": {"map": 0.4, "map50": 0.6}, "f_measure": {"best": {"f_measure": 0.6}}},
-                  "best": {"epoch": 2, "segm_map": 0.5, "bbox_map": 0.4}}  # fmt: skip
+    validation = Validation(
+        epoch=2, total_epochs=3, iteration=8,
+        metrics={"segm": {"map": 0.5, "map50": 0.7}, "bbox": {"map": 0.4, "map50": 0.6},
+                 "f_measure": {"best": {"f_measure": 0.6}}},
+        best={"epoch": 2, "segm_map": 0.5, "bbox_map": 0.4}, improved=True, learning_rate=0.01,
+        seconds=1.0,
+    )  # fmt: skip
     patch = progress_patch(validation)
     assert set(patch) <= set(contract.PROGRESS_FIELDS)
     assert set(patch["metrics"]) == set(contract.PROGRESS_METRIC_FIELDS)
@@ -66,3 +70,8 @@ def test_the_contract_needs_only_the_standard_library() -> None:
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}  # fmt: skip
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_the_trainers_events_are_the_contracts_kinds() -> None:
+    kinds = tuple(kind.kind for kind in (Start, Iteration, Epoch, Validation, Final))
+    assert kinds == contract.EVENT_KINDS

@@ -17,6 +17,7 @@ from instseg_trainer.engine.ema import build_ema, ema_decay
 from instseg_trainer.engine.trainer import TrainConfig, train
 from instseg_trainer.evaluation.coco_eval import encode_masks
 from instseg_trainer.models.mask_rcnn import paste_binary_masks
+from instseg_trainer.reporting.events import Iteration
 from instseg_trainer.reporting.reporters import MemoryReporter
 from instseg_trainer.sample_data import write_sample_dataset
 from instseg_trainer.templates import get_template
@@ -140,16 +141,16 @@ def test_logged_loss_is_the_mean_of_the_steps_in_its_window(tmp_path: Path) -> N
         epochs=1, batch_size=2, input_size=64
     )
 
-    def losses(log_interval: int) -> list[dict]:
+    def losses(log_interval: int) -> list[Iteration]:
         events = MemoryReporter()
         config = TrainConfig(template, root, root, tmp_path / f"run{log_interval}",
                              device="cpu", num_workers=0, backbone_weights="none",
                              stop_after_iterations=2, log_interval=log_interval)  # fmt: skip
         train(config, events)
-        return [e for e in events.events if e["event"] == "iteration"]
+        return [e for e in events.events if isinstance(e, Iteration)]
 
     per_step, window = losses(1), losses(2)
-    assert [e["iteration"] for e in per_step] == [1, 2] and len(window) == 1
-    assert window[0]["loss"] == pytest.approx(np.mean([e["loss"] for e in per_step]), rel=1e-5)
-    for name, value in window[0]["losses"].items():
-        assert value == pytest.approx(np.mean([e["losses"][name] for e in per_step]), rel=1e-5)
+    assert [e.iteration for e in per_step] == [1, 2] and len(window) == 1
+    assert window[0].loss == pytest.approx(np.mean([e.loss for e in per_step]), rel=1e-5)
+    for name, value in window[0].losses.items():
+        assert value == pytest.approx(np.mean([e.losses[name] for e in per_step]), rel=1e-5)

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from kubernetes import client
 
+from instseg_trainer.reporting.events import Final, Iteration, Start, Validation
 from instseg_trainer.reporting.kubernetes_status import KubernetesStatusReporter, progress_patch
 
 
@@ -52,19 +53,25 @@ def _reporter(server: _ApiServer, clock) -> KubernetesStatusReporter:
     return KubernetesStatusReporter("shapes", "team-a", api, min_interval=10.0, clock=clock)
 
 
-def _iteration(i: int, loss: float = 1.0) -> dict:
-    return {
-        "event": "iteration", "epoch": 1, "total_epochs": 4, "iteration": i, "loss": loss,
-        "learning_rate": 0.01, "images_per_second": 3.5, "eta_seconds": 99.6,
-    }  # fmt: skip
+def _iteration(i: int, loss: float = 1.0) -> Iteration:
+    return Iteration(
+        epoch=1, total_epochs=4, iteration=i, epoch_iteration=i, iterations_per_epoch=20,
+        loss=loss, losses={"loss_mask": loss}, learning_rate=0.01, images_per_second=3.5,
+        eta_seconds=99.6,
+    )  # fmt: skip
 
 
-VALIDATION = {
-    "event": "validation", "epoch": 1, "total_epochs": 4, "iteration": 20,
-    "metrics": {"segm": {"map": 0.31, "map50": 0.5}, "bbox": {"map": 0.3, "map50": 0.49},
-                "f_measure": {"best": {"f_measure": 0.6, "threshold": 0.4}}},
-    "best": {"epoch": 1, "segm_map": 0.31, "bbox_map": 0.3},
-}  # fmt: skip
+VALIDATION = Validation(
+    epoch=1, total_epochs=4, iteration=20,
+    metrics={"segm": {"map": 0.31, "map50": 0.5}, "bbox": {"map": 0.3, "map50": 0.49},
+             "f_measure": {"best": {"f_measure": 0.6, "threshold": 0.4}}},
+    best={"epoch": 1, "segm_map": 0.31, "bbox_map": 0.3}, improved=True, learning_rate=0.01,
+    seconds=2.0,
+)  # fmt: skip
+FINAL = Final(
+    status="completed", epochs=4, iteration=80, best=VALIDATION.best,
+    best_checkpoint="/output/best.pt", last_checkpoint="/output/last.pt", wall_seconds=60.0,
+)  # fmt: skip
 
 
 def test_rate_limited_merge_patches_of_own_status(api_server) -> None:
@@ -102,8 +109,7 @@ def test_a_failed_patch_is_logged_kept_and_never_raised(api_server, caplog) -> N
         reporter.report(VALIDATION)  # no exception reaches the training
     assert reporter.failures == 1 and "team-a/shapes" in caplog.text
     api_server.fail = False
-    reporter.report({"event": "final", "epochs": 4, "iteration": 80, "best": VALIDATION["best"],
-                     "best_checkpoint": "/output/best.pt"})  # fmt: skip
+    reporter.report(FINAL)
     progress = api_server.requests[-1][2]["status"]["progress"]
     assert progress["bestCheckpoint"] == "/output/best.pt" and progress["etaSeconds"] == 0
     assert progress["metrics"]["segmMap"] == 0.31  # the failed validation's data went out too
@@ -135,10 +141,12 @@ def test_every_progress_field_survives_crd_pruning() -> None:
     crd = yaml.safe_load(crd_path.read_text())
     status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
     declared = status["properties"]["progress"]["properties"]
-    final = {"event": "final", "epochs": 4, "iteration": 80, "best": VALIDATION["best"],
-             "best_checkpoint": "/output/best.pt"}  # fmt: skip
-    start = {"event": "start", "total_epochs": 4, "resumed_at_iteration": 0}
-    for event in (_iteration(1), VALIDATION, final, start):
+    start = Start(
+        template="MaskRCNN-ResNet50", total_epochs=4, iterations_per_epoch=20, train_images=40,
+        val_images=8, classes=["cell"], device="cpu", world_size=1, output="/output",
+        resumed_at_iteration=0,
+    )  # fmt: skip
+    for event in (_iteration(1), VALIDATION, FINAL, start):
         progress = progress_patch(event)
-        assert set(progress) | {"updatedAt"} <= set(declared), event["event"]
+        assert set(progress) | {"updatedAt"} <= set(declared), event.kind
         assert set(progress.get("metrics", {})) <= set(declared["metrics"]["properties"])

@@ -1,6 +1,8 @@
+import dataclasses
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from PIL import Image
 
 from instseg_trainer.reporting.curves import plot_curves
+from instseg_trainer.reporting.events import Epoch, Event, Final, Iteration, Start, Validation
 from instseg_trainer.reporting.overlay import draw_overlay
 from instseg_trainer.reporting.reporters import (
     METRICS_FILENAME,
@@ -18,75 +21,82 @@ from instseg_trainer.reporting.reporters import (
     make_reporters,
 )
 
-START = {
-    "event": "start",
-    "time": 1000.0,
-    "template": "MaskRCNN-ResNet50",
-    "total_epochs": 3,
-    "iterations_per_epoch": 10,
-    "train_images": 40,
-    "val_images": 8,
-    "device": "cpu",
-    "output": "/out",
-}
+START = Start(
+    time="2026-11-30T10:00:00.000Z",
+    template="MaskRCNN-ResNet50",
+    total_epochs=3,
+    iterations_per_epoch=10,
+    train_images=40,
+    val_images=8,
+    classes=["cell"],
+    device="cpu",
+    world_size=1,
+    output="/out",
+    resumed_at_iteration=0,
+)
 
 
-def iteration_event(iteration: int, loss: float = 1.0) -> dict:
-    return {
-        "event": "iteration",
-        "time": 1000.0 + iteration,
-        "epoch": (iteration - 1) // 10 + 1,
-        "total_epochs": 3,
-        "iteration": iteration,
-        "epoch_iteration": (iteration - 1) % 10 + 1,
-        "iterations_per_epoch": 10,
-        "loss": loss,
-        "losses": {"loss_classifier": loss / 2, "loss_mask": loss / 4},
-        "learning_rate": 0.002 * iteration / 30,
-        "images_per_second": 4.1,
-        "eta_seconds": 192.0,
-    }
+def iteration_event(iteration: int, loss: float = 1.0) -> Iteration:
+    return Iteration(
+        time=f"2026-11-30T10:00:{iteration % 60:02d}.000Z",
+        epoch=(iteration - 1) // 10 + 1,
+        total_epochs=3,
+        iteration=iteration,
+        epoch_iteration=(iteration - 1) % 10 + 1,
+        iterations_per_epoch=10,
+        loss=loss,
+        losses={"loss_classifier": loss / 2, "loss_mask": loss / 4},
+        learning_rate=0.002 * iteration / 30,
+        images_per_second=4.1,
+        eta_seconds=192.0,
+    )
 
 
-def epoch_event(epoch: int) -> dict:
-    return {
-        "event": "epoch",
-        "time": 2000.0,
-        "epoch": epoch,
-        "total_epochs": 3,
-        "iteration": epoch * 10,
-        "loss": 1.0 / epoch,
-        "learning_rate": 0.002,
-        "seconds": 61.0,
-    }
+def epoch_event(epoch: int) -> Epoch:
+    return Epoch(
+        time="2026-11-30T10:05:00.000Z",
+        epoch=epoch,
+        total_epochs=3,
+        iteration=epoch * 10,
+        loss=1.0 / epoch,
+        learning_rate=0.002,
+        seconds=61.0,
+    )
 
 
-def validation_event(epoch: int, segm_map: float) -> dict:
-    return {
-        "event": "validation",
-        "time": 2001.0,
-        "epoch": epoch,
-        "iteration": epoch * 10,
-        "metrics": {
+def validation_event(epoch: int, segm_map: float) -> Validation:
+    return Validation(
+        time="2026-11-30T10:05:01.000Z",
+        epoch=epoch,
+        total_epochs=3,
+        iteration=epoch * 10,
+        metrics={
             "segm": {"map": segm_map, "map50": segm_map + 0.2, "map75": segm_map - 0.1},
             "bbox": {"map": segm_map + 0.05, "map50": 0.7, "map75": 0.4},
             "f_measure": {"best": {"f_measure": 0.61, "threshold": 0.45}},
         },
-        "best": {"epoch": epoch, "segm_map": segm_map},
-        "improved": True,
-    }
+        best={"epoch": epoch, "segm_map": segm_map},
+        improved=True,
+        learning_rate=0.002,
+        seconds=4.0,
+    )
 
 
-FINAL = {
-    "event": "final",
-    "time": 3000.0,
-    "status": "early_stopped",
-    "epochs": 2,
-    "iteration": 20,
-    "best": {"epoch": 2, "segm_map": 0.42},
-    "best_checkpoint": "/out/best.pth",
-    "wall_seconds": 3725.0,
-}
+FINAL = Final(
+    time="2026-11-30T11:00:00.000Z",
+    status="early_stopped",
+    epochs=2,
+    iteration=20,
+    best={"epoch": 2, "segm_map": 0.42},
+    best_checkpoint="/out/best.pth",
+    last_checkpoint="/out/last.pth",
+    wall_seconds=3725.0,
+)
+
+
+def as_json(events: list[Event]) -> list[dict]:
+    """Events as their JSON lines read back."""
+    return [json.loads(json.dumps(event.to_dict())) for event in events]
 
 
 class FakeTerminal(io.StringIO):
@@ -95,7 +105,7 @@ class FakeTerminal(io.StringIO):
 
 
 class BrokenReporter:
-    def report(self, event: dict) -> None:
+    def report(self, event: Event) -> None:
         raise ConnectionError("API server unreachable")
 
     def close(self) -> None:
@@ -104,10 +114,10 @@ class BrokenReporter:
 
 class RecordingReporter:
     def __init__(self) -> None:
-        self.events: list[dict] = []
+        self.events: list[Event] = []
         self.closed = False
 
-    def report(self, event: dict) -> None:
+    def report(self, event: Event) -> None:
         self.events.append(event)
 
     def close(self) -> None:
@@ -125,37 +135,37 @@ def test_metrics_file_holds_every_event_and_a_restart_appends(tmp_path: Path) ->
     for event in first_run:
         reporter.report(event)
     # Readable before close: a crash right now must lose nothing.
-    assert read_jsonl(path) == first_run
+    assert read_jsonl(path) == as_json(first_run)
     reporter.close()
 
     resumed = MetricsFileReporter(path)
     resumed.report(iteration_event(11))
     resumed.close()
 
-    assert read_jsonl(path) == [*first_run, iteration_event(11)]
+    assert read_jsonl(path) == as_json([*first_run, iteration_event(11)])
 
 
 def test_metrics_file_after_a_torn_line_starts_a_new_line(tmp_path: Path) -> None:
     path = tmp_path / METRICS_FILENAME
-    path.write_text(json.dumps(START) + '\n{"event": "itera')
+    path.write_text(json.dumps(START.to_dict()) + '\n{"event": "itera')
     reporter = MetricsFileReporter(path)
     reporter.report(iteration_event(1))
     reporter.close()
 
-    assert json.loads(path.read_text().splitlines()[-1]) == iteration_event(1)
+    assert json.loads(path.read_text().splitlines()[-1]) == as_json([iteration_event(1)])[0]
 
 
 def test_json_lines_reporter_writes_one_compact_object_per_line() -> None:
     stream = io.StringIO()
     reporter = JsonLinesReporter(stream)
-    events = [START, iteration_event(1), {**iteration_event(2), "loss": float("nan")}]
+    events = [START, iteration_event(1), dataclasses.replace(iteration_event(2), loss=math.nan)]
     for event in events:
         reporter.report(event)
     reporter.close()
 
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
-    assert [json.loads(line) for line in lines[:2]] == events[:2]
+    assert [json.loads(line) for line in lines[:2]] == as_json(events[:2])
     # Strict JSON: a diverged (NaN) loss is written as null, not as the invalid token NaN.
     assert json.loads(lines[2])["loss"] is None
     assert "NaN" not in lines[2]
@@ -181,11 +191,9 @@ def test_make_reporters_writes_json_lines_when_stream_is_not_a_terminal(tmp_path
     reporter.report(iteration_event(1))
     reporter.close()
 
-    assert [json.loads(line) for line in stream.getvalue().splitlines()] == [
-        START,
-        iteration_event(1),
-    ]
-    assert read_jsonl(tmp_path / METRICS_FILENAME) == [START, iteration_event(1)]
+    events = as_json([START, iteration_event(1)])
+    assert [json.loads(line) for line in stream.getvalue().splitlines()] == events
+    assert read_jsonl(tmp_path / METRICS_FILENAME) == events
 
 
 def test_make_reporters_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
@@ -197,7 +205,7 @@ def test_make_reporters_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> No
     output = stream.getvalue()
     assert output.startswith("\r")
     assert "epoch 1/3" in output
-    assert read_jsonl(tmp_path / METRICS_FILENAME) == [iteration_event(5)]
+    assert read_jsonl(tmp_path / METRICS_FILENAME) == as_json([iteration_event(5)])
 
 
 def test_terminal_reporter_shows_progress_summaries_and_final(
@@ -246,7 +254,7 @@ def test_terminal_progress_bar_fits_the_terminal_width_and_keeps_the_eta(
 
 
 def write_jsonl(path: Path, events: list) -> None:
-    path.write_text("".join(json.dumps(event) + "\n" for event in events))
+    path.write_text("".join(json.dumps(event.to_dict()) + "\n" for event in events))
 
 
 def assert_is_png(path: Path) -> None:

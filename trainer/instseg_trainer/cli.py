@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -14,10 +15,6 @@ from instseg_contract import EXIT_USER_ERROR
 from instseg_trainer import __version__
 from instseg_trainer.errors import InstsegError
 from instseg_trainer.logs import configure_logging, log_failure, logs_json
-
-log = logging.getLogger("instseg")
-
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
 
 
 def _positive_int(text: str) -> int:
@@ -278,8 +275,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if reporter is not None:
             reporter.close()
-    if final["status"] == "interrupted":
-        return EXIT_INTERRUPTED
+    if final.status == "interrupted":  # 128 + the signal, as a shell reports a killed process
+        return 128 + (final.stop_signal or signal.SIGTERM)
     return 0
 
 

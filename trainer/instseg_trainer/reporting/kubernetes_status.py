@@ -16,6 +16,16 @@ from datetime import datetime, timezone
 
 from instseg_contract import ENV_NAME, ENV_NAMESPACE, GROUP, PLURAL, VERSION
 
+from instseg_trainer.reporting.events import (
+    Epoch,
+    Event,
+    Final,
+    Iteration,
+    Progress,
+    Start,
+    Validation,
+)
+
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -31,30 +41,28 @@ def _finite(value, digits: int | None = None) -> float | None:
     return float(value) if digits is None else round(float(value), digits)
 
 
-def progress_patch(event: dict) -> dict | None:
+def progress_patch(event: Event) -> dict | None:
     """The `status.progress` fields an event updates (None for events that update none)."""
-    kind = event.get("event")
     progress: dict = {}
-    if "epoch" in event and "total_epochs" in event:
+    if isinstance(event, Progress):
         progress.update(
-            epoch=event["epoch"],
-            totalEpochs=event["total_epochs"],
-            epochText=f"{event['epoch']}/{event['total_epochs']}",
+            epoch=event.epoch,
+            totalEpochs=event.total_epochs,
+            epochText=f"{event.epoch}/{event.total_epochs}",
+            iteration=event.iteration,
         )
-    if kind == "start":
-        progress.update(totalEpochs=event["total_epochs"], iteration=event["resumed_at_iteration"])
-    if "iteration" in event:
-        progress["iteration"] = event["iteration"]
-    if kind in ("iteration", "epoch"):
-        progress.update(loss=_finite(event.get("loss"), 4), learningRate=event.get("learning_rate"))
-    if kind == "iteration":
+    if isinstance(event, Start):
+        progress.update(totalEpochs=event.total_epochs, iteration=event.resumed_at_iteration)
+    if isinstance(event, (Iteration, Epoch)):
+        progress.update(loss=_finite(event.loss, 4), learningRate=event.learning_rate)
+    if isinstance(event, Iteration):
         progress.update(
-            imagesPerSecond=_finite(event.get("images_per_second"), 2),
-            etaSeconds=int(event.get("eta_seconds") or 0),
+            imagesPerSecond=_finite(event.images_per_second, 2),
+            etaSeconds=int(event.eta_seconds or 0),
         )
     metrics: dict = {}
-    if kind == "validation":
-        m = event["metrics"]
+    if isinstance(event, Validation):
+        m = event.metrics
         metrics.update(
             segmMap=m["segm"]["map"],
             segmMap50=m["segm"]["map50"],
@@ -62,17 +70,16 @@ def progress_patch(event: dict) -> dict | None:
             bboxMap50=m["bbox"]["map50"],
             fMeasure=m.get("f_measure", {}).get("best", {}).get("f_measure"),
         )
-    best = event.get("best") or {}
-    if kind in ("validation", "final") and best:
+    if isinstance(event, (Validation, Final)) and event.best:
         metrics.update(
-            bestSegmMap=best.get("segm_map"),
-            bestBboxMap=best.get("bbox_map"),
-            bestEpoch=best.get("epoch"),
+            bestSegmMap=event.best.get("segm_map"),
+            bestBboxMap=event.best.get("bbox_map"),
+            bestEpoch=event.best.get("epoch"),
         )
-    if kind == "final":
-        progress.update(etaSeconds=0, epoch=event["epochs"])
-        if event.get("best_checkpoint"):
-            progress["bestCheckpoint"] = event["best_checkpoint"]
+    if isinstance(event, Final):
+        progress.update(etaSeconds=0, epoch=event.epochs, iteration=event.iteration)
+        if event.best_checkpoint:
+            progress["bestCheckpoint"] = event.best_checkpoint
     if metrics:
         progress["metrics"] = {k: v for k, v in metrics.items() if v is not None}
     progress = {k: v for k, v in progress.items() if v is not None}
@@ -120,7 +127,7 @@ class KubernetesStatusReporter:
                 return None
         return cls(name, namespace, client.CustomObjectsApi())
 
-    def report(self, event: dict) -> None:
+    def report(self, event: Event) -> None:
         progress = progress_patch(event)
         if progress is None:
             return
@@ -128,7 +135,7 @@ class KubernetesStatusReporter:
         self._pending.update(progress)
         if metrics:
             self._pending["metrics"] = metrics
-        urgent = event.get("event") in URGENT_EVENTS
+        urgent = event.kind in URGENT_EVENTS
         recent = self._last_sent is not None and (
             self.clock() - self._last_sent < self.min_interval
         )

@@ -1,8 +1,8 @@
 """Where training events go: metrics file, JSON lines on stdout, or a terminal progress bar.
 
-The trainer emits plain dicts (see DESIGN.md, "Progress contract"): `start`, `iteration`,
-`epoch`, `validation` and `final`, each with `event` and `time`. Every destination is a
-`Reporter`; `make_reporters` assembles the usual set behind one `MultiReporter`.
+The trainer emits typed events (events.py): Start, Iteration, Epoch, Validation and Final.
+Every destination is a `Reporter`; `make_reporters` assembles the usual set behind one
+`MultiReporter`.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from instseg_trainer.reporting.events import Epoch, Event, Final, Iteration, Start, Validation
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
 PROGRESS_BAR_WIDTH = 10
-
-Event = dict[str, Any]
 
 
 class Reporter(Protocol):
     """Receives every training event; must not assume which events come or in what number."""
 
     def report(self, event: Event) -> None:
-        """Handle one event dict."""
+        """Handle one event."""
         ...
 
     def close(self) -> None:
@@ -49,7 +49,7 @@ def _finite_or_null(value: Any) -> Any:
 def event_to_json(event: Event) -> str:
     """Serialise an event as one compact, strict JSON line (NaN/inf become null)."""
     # Strict JSON: log collectors and jq reject the NaN a diverged loss would produce.
-    return json.dumps(_finite_or_null(event), separators=(",", ":"), allow_nan=False)
+    return json.dumps(_finite_or_null(event.to_dict()), separators=(",", ":"), allow_nan=False)
 
 
 class JsonLinesReporter:
@@ -123,16 +123,15 @@ class TerminalReporter:
         self._bar_length = 0
 
     def report(self, event: Event) -> None:
-        kind = event.get("event")
-        if kind == "iteration":
+        if isinstance(event, Iteration):
             self._draw_bar(event)
-        elif kind == "start":
+        elif isinstance(event, Start):
             self._print(self._start_line(event))
-        elif kind == "epoch":
+        elif isinstance(event, Epoch):
             self._print(self._epoch_line(event))
-        elif kind == "validation":
+        elif isinstance(event, Validation):
             self._print(self._validation_line(event))
-        elif kind == "final":
+        elif isinstance(event, Final):
             self._print(self._final_line(event))
 
     def close(self) -> None:
@@ -146,7 +145,7 @@ class TerminalReporter:
         # One column spare: writing into the last column makes some terminals wrap.
         return max(shutil.get_terminal_size().columns - 1, 1)
 
-    def _draw_bar(self, event: Event) -> None:
+    def _draw_bar(self, event: Iteration) -> None:
         width = self._usable_width()
         line = self._progress_line(event, width)
         # Blank out what is left of a longer previous line, but never past the current width.
@@ -163,21 +162,21 @@ class TerminalReporter:
         self._stream.flush()
 
     @staticmethod
-    def _progress_line(event: Event, width: int) -> str:
-        done, total = event.get("epoch_iteration", 0), event.get("iterations_per_epoch", 0)
+    def _progress_line(event: Iteration, width: int) -> str:
+        done, total = event.epoch_iteration, event.iterations_per_epoch
         fraction = min(max(done / total, 0.0), 1.0) if total else 0.0
         filled = int(fraction * PROGRESS_BAR_WIDTH)
         bar = "[" + "#" * filled + "-" * (PROGRESS_BAR_WIDTH - filled) + "]"
-        speed = f"{_number(event.get('images_per_second'), '.1f')} img/s"
-        learning_rate = f"lr {_number(event.get('learning_rate'), '.1e')}"
+        speed = f"{_number(event.images_per_second, '.1f')} img/s"
+        learning_rate = f"lr {_number(event.learning_rate, '.1e')}"
         parts = [
-            f"epoch {event.get('epoch', '?')}/{event.get('total_epochs', '?')}",
+            f"epoch {event.epoch}/{event.total_epochs}",
             bar,
             f"{fraction:4.0%} it {done}/{total}",
-            f"loss {_number(event.get('loss'), '.3f')}",
+            f"loss {_number(event.loss, '.3f')}",
             learning_rate,
             speed,
-            f"ETA {format_duration(event.get('eta_seconds'))}",
+            f"ETA {format_duration(event.eta_seconds)}",
         ]
         # On a narrow terminal drop the least useful fields first, so loss and ETA stay.
         for optional in (speed, learning_rate, bar):
@@ -187,60 +186,55 @@ class TerminalReporter:
         return " ".join(parts)[:width]
 
     @staticmethod
-    def _start_line(event: Event) -> str:
+    def _start_line(event: Start) -> str:
         return (
-            f"training {event.get('template', '?')} on {event.get('device', '?')}: "
-            f"{event.get('train_images', '?')} train / {event.get('val_images', '?')} val images, "
-            f"{event.get('total_epochs', '?')} epochs x "
-            f"{event.get('iterations_per_epoch', '?')} iterations -> {event.get('output', '?')}"
+            f"training {event.template} on {event.device}: "
+            f"{event.train_images} train / {event.val_images} val images, "
+            f"{event.total_epochs} epochs x {event.iterations_per_epoch} iterations "
+            f"-> {event.output}"
         )
 
     @staticmethod
-    def _epoch_line(event: Event) -> str:
+    def _epoch_line(event: Epoch) -> str:
         return (
-            f"epoch {event.get('epoch', '?')}/{event.get('total_epochs', '?')} done "
-            f"in {format_duration(event.get('seconds'))}: "
-            f"mean loss {_number(event.get('loss'), '.4f')} "
-            f"lr {_number(event.get('learning_rate'), '.1e')}"
+            f"epoch {event.epoch}/{event.total_epochs} done "
+            f"in {format_duration(event.seconds)}: "
+            f"mean loss {_number(event.loss, '.4f')} "
+            f"lr {_number(event.learning_rate, '.1e')}"
         )
 
     @staticmethod
-    def _validation_line(event: Event) -> str:
-        metrics = event.get("metrics", {})
-        segm, bbox = metrics.get("segm", {}), metrics.get("bbox", {})
+    def _validation_line(event: Validation) -> str:
+        segm, bbox = event.metrics.get("segm", {}), event.metrics.get("bbox", {})
         line = (
-            f"epoch {event.get('epoch', '?')} validation: "
+            f"epoch {event.epoch} validation: "
             f"segm mAP {_number(segm.get('map'), '.3f')} "
             f"mAP50 {_number(segm.get('map50'), '.3f')} | "
             f"bbox mAP {_number(bbox.get('map'), '.3f')}"
         )
         # the trainer reports the F-measure at its best threshold under "best"
-        f_measure = (metrics.get("f_measure") or {}).get("best")
+        f_measure = (event.metrics.get("f_measure") or {}).get("best")
         if f_measure:
             line += (
                 f" | F1 {_number(f_measure.get('f_measure'), '.3f')}"
                 f" @ {_number(f_measure.get('threshold'), '.2f')}"
             )
-        best = event.get("best", {})
         line += (
-            f" | best segm mAP {_number(best.get('segm_map'), '.3f')}"
-            f" (epoch {best.get('epoch', '?')})"
+            f" | best segm mAP {_number(event.best.get('segm_map'), '.3f')}"
+            f" (epoch {event.best.get('epoch', '?')})"
         )
-        if event.get("improved"):
+        if event.improved:
             line += " new best"
         return line
 
     @staticmethod
-    def _final_line(event: Event) -> str:
-        status = event.get("status", "?")
-        outcome = "stopped early" if status == "early_stopped" else status
-        best = event.get("best", {})
+    def _final_line(event: Final) -> str:
+        outcome = "stopped early" if event.status == "early_stopped" else event.status
         return (
-            f"training {outcome} after {event.get('epochs', '?')} epochs "
-            f"({event.get('iteration', '?')} iterations) "
-            f"in {format_duration(event.get('wall_seconds'))}; "
-            f"best segm mAP {_number(best.get('segm_map'), '.3f')} "
-            f"at epoch {best.get('epoch', '?')} -> {event.get('best_checkpoint', '?')}"
+            f"training {outcome} after {event.epochs} epochs ({event.iteration} iterations) "
+            f"in {format_duration(event.wall_seconds)}; "
+            f"best segm mAP {_number(event.best.get('segm_map'), '.3f')} "
+            f"at epoch {event.best.get('epoch', '?')} -> {event.best_checkpoint or '?'}"
         )
 
 
