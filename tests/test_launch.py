@@ -52,3 +52,15 @@ def test_rejoining_gives_up_after_its_deadline(monkeypatch) -> None:
     monkeypatch.setattr(launch, "RETRY_SECONDS", 0)
     with pytest.raises(RendezvousConnectionError):
         launch.launch(["--nnodes", "2", "-m", "instseg_trainer.cli", "train"])
+
+
+def test_a_crash_ends_with_one_summary_line_for_the_operators_status(tmp_path: Path) -> None:
+    crash = tmp_path / "crash.py"
+    crash.write_text("import sys\nprint('CUDA error: an illegal memory access', file=sys.stderr)\n"
+                     "sys.exit(1)\n")  # fmt: skip
+    cmd = [sys.executable, "-m", "instseg_trainer.launch", "--standalone", "--nproc-per-node",
+           "1", "--max-restarts", "0", str(crash)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert "rank 0 failed (exit code 1)" in last, done.stderr[-2000:]

@@ -37,6 +37,22 @@ def _exit_code(error: ChildFailedError) -> int:
     return EXIT_USER_ERROR if root_cause.exitcode == EXIT_USER_ERROR else 1
 
 
+def _summary(error: ChildFailedError) -> str:
+    """One line for the first failure: the operator shows the pod's last log line."""
+    rank, failure = error.get_first_failure()
+    cause = (
+        f"signal {failure.signal_name()}"
+        if failure.exitcode < 0
+        else f"exit code {failure.exitcode}"
+    )
+    others = len(error.failures) - 1
+    return (
+        f"trainer process of rank {rank} failed ({cause})"
+        + (f"; {others} other process(es) stopped with it" if others else "")
+        + "; its own log lines above say why"
+    )
+
+
 def launch(argv: list[str]) -> int:
     """Runs torchrun with `argv`, joining the rendezvous again while its host is replaced."""
     deadline = time.monotonic() + RETRY_SECONDS
@@ -50,8 +66,10 @@ def launch(argv: list[str]) -> int:
             log.warning("lost the rendezvous host (%s): joining again", error.__cause__ or error)
             time.sleep(RETRY_PAUSE_SECONDS)
         except ChildFailedError as error:
-            log.error("%s", error.format_msg())
-            return _exit_code(error)
+            code = _exit_code(error)
+            if code != EXIT_USER_ERROR:  # bad input: the trainer's own error stays the last line
+                log.error("%s", _summary(error))
+            return code
 
 
 def main() -> int:
