@@ -86,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"instseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_templates(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_predict(sub)
+    _add_sample_data(sub)
+    return parser
 
+
+def _add_templates(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "templates",
         help="list the model templates with measured complexity",
@@ -96,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-measure", action="store_true", help="skip the FLOP count (faster)")
     p.set_defaults(func=cmd_templates)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a template on a COCO dataset",
@@ -132,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="score a checkpoint on a COCO dataset",
@@ -151,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="run a checkpoint on images; write overlays",
@@ -172,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_predict)
 
+
+def _add_sample_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample-data",
         help="write the synthetic COCO sample dataset",
@@ -189,7 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)"
     )
     p.set_defaults(func=cmd_sample_data)
-    return parser
 
 
 def cmd_templates(args: argparse.Namespace) -> int:
