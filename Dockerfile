@@ -34,7 +34,7 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" \
         --extra-index-url https://pypi.org/simple \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 COPY --from=wheel /wheels /wheels
-RUN set -e; wheel=$(ls /wheels/instseg-*.whl); pip install --no-cache-dir "${wheel}[trainer]" \
+RUN set -e; wheel=$(ls /wheels/instseg-*.whl); pip install --no-cache-dir "${wheel}[trainer,export]" \
     && python -c "import torch, torchvision; assert torch.__version__.startswith('${TORCH_VERSION}')"
 
 # ---------------------------------------------------------------- trainer image

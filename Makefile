@@ -52,7 +52,7 @@ $(CONTROL_PLANE): $(addprefix $(CONTROL_PLANE_MODULE)/,go.mod go.sum main.go) | 
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[trainer,operator,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[trainer,export,operator,dev]'
 	touch $@
 
 # sample data → train (CPU, random init, a few minutes) → eval → overlay pictures

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
+    _add_export(sub)
     _add_sample_data(sub)
     return parser
 
@@ -150,7 +151,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Score a checkpoint on a COCO subset: segm and bbox mAP, per-class AP and "
         "the F-measure; writes metrics.json, predictions.json and ground_truth.json to OUTPUT.",
     )
-    p.add_argument("--weights", required=True, type=Path, help="best.pt or last.pt")
+    p.add_argument(
+        "--weights", required=True, type=Path,
+        help="best.pt or last.pt, or an exported model.onnx / model.xml",
+    )  # fmt: skip
     _add_roots_arg(p, "--data-roots", "to score on")
     p.add_argument("--subset", help="subset name when the root has several (default: test, val)")
     p.add_argument("--output", type=Path, default=Path("eval"), help="default: ./eval")
@@ -171,7 +175,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description="Run a checkpoint on an image or a directory of images; writes an overlay "
         "PNG per image and all detections as COCO results (predictions.json) to OUTPUT.",
     )
-    p.add_argument("--weights", required=True, type=Path, help="best.pt or last.pt")
+    p.add_argument(
+        "--weights",
+        required=True,
+        type=Path,
+        help="best.pt or last.pt, or an exported model.onnx / model.xml",
+    )
     p.add_argument("--input", required=True, type=Path, help="an image or a directory of images")
     p.add_argument(
         "--output", type=Path, default=Path("predictions"), help="default: ./predictions"
@@ -185,6 +194,25 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, help="default: the training's")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_predict)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX or OpenVINO IR",
+        description="Export a checkpoint as ONNX (opset 17, dynamic image size) or OpenVINO "
+        "IR, with a metadata file beside it (<model>.json: classes and category ids, input "
+        "size, normalisation, score threshold, what the graph holds). `instseg eval` and "
+        "`instseg predict` take the exported model as --weights.",
+    )
+    p.add_argument("--weights", required=True, type=Path, help="best.pt (or last.pt)")
+    p.add_argument("--format", choices=("onnx", "openvino"), required=True, help="onnx or openvino")
+    p.add_argument(
+        "--precision", choices=("fp32", "fp16"), default="fp32",
+        help="fp32 (default) or fp16 (OpenVINO: weights compressed to fp16)",
+    )  # fmt: skip
+    p.add_argument("--output", type=Path, default=Path("exported"), help="default: ./exported")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_sample_data(sub: argparse._SubParsersAction) -> None:
@@ -307,10 +335,10 @@ def _print_metrics(metrics: dict) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from instseg_trainer.engine.trainer import check_output_dir
-    from instseg_trainer.evaluation.inference import TrainedModel, evaluate_dataset
+    from instseg_trainer.evaluation.inference import evaluate_dataset, load_model
 
     check_output_dir(args.output)  # before the work, not after it
-    trained = TrainedModel(args.weights, args.device)
+    trained = load_model(args.weights, args.device)
     metrics = evaluate_dataset(
         trained, args.data_roots, args.output, args.subset, args.batch_size, args.workers
     )
@@ -321,16 +349,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from instseg_trainer.engine.trainer import check_output_dir
-    from instseg_trainer.evaluation.inference import TrainedModel, predict_images
+    from instseg_trainer.evaluation.inference import load_model, predict_images
 
     check_output_dir(args.output)
-    trained = TrainedModel(args.weights, args.device)
+    trained = load_model(args.weights, args.device)
     summary = predict_images(
         trained, args.input, args.output, args.score_threshold, args.batch_size, args.workers
     )
     print(
         f"{summary['images']} image(s), {summary['drawn']} detection(s) scoring above "
         f"{summary['threshold']:.3f}; overlays and predictions.json in {summary['output']}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from instseg_trainer.export.exporter import export_model
+
+    exported = export_model(args.weights, args.format, args.precision, args.output)
+    print(
+        f"exported {exported.format} {exported.precision}: {exported.model} "
+        f"({exported.size_bytes / 2**20:.1f} MiB), metadata {exported.metadata}"
     )
     return 0
 

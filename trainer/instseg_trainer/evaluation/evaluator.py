@@ -59,9 +59,20 @@ def coco_results(
 ) -> list[dict] | None:
     """COCO results of every image of the (possibly sharded) loader, on every rank; None when
     `should_stop` said so between two images (single process only: ranks gather at the end)."""
+    detections = predict(model, loader, device, amp_dtype)
+    return coco_results_of(detections, category_ids, dist, should_stop)
+
+
+def coco_results_of(
+    detections: Iterable[tuple[dict, dict[str, np.ndarray]]],
+    category_ids: list[int],
+    dist: Distributed,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[dict] | None:
+    """COCO results of (meta, detections) pairs, from any model that yields them."""
     ids = np.asarray(category_ids)
     local: list[dict] = []
-    for meta, det in predict(model, loader, device, amp_dtype):
+    for meta, det in detections:
         if should_stop is not None and should_stop():
             return None
         local.extend(

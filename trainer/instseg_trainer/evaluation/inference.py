@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,8 @@ from instseg_trainer.engine.distributed import (
 )
 from instseg_trainer.errors import CheckpointError, DataError
 from instseg_trainer.evaluation.coco_eval import to_coco_results
-from instseg_trainer.evaluation.evaluator import coco_results, predict, score
+from instseg_trainer.evaluation.evaluator import coco_results_of, predict, score
+from instseg_trainer.export.runtime import ExportedModel, is_exported
 from instseg_trainer.files import atomic_write
 from instseg_trainer.models.mask_rcnn import build_model
 from instseg_trainer.reporting.overlay import draw_overlay
@@ -43,6 +44,7 @@ class TrainedModel:
         self.class_names: list[str] = state["class_names"]
         self.category_ids: list[int] = state["category_ids"]
         self.best: dict = state.get("best", {})
+        self.position: dict | None = state.get("position")  # last.pt only: where the run is
         self.batch_size: int = state["hyperparameters"]["batch_size"]
         self.threshold: float | None = self.best.get("f_measure_threshold")
         self.model = build_model(
@@ -60,6 +62,10 @@ class TrainedModel:
     def amp_dtype(self) -> torch.dtype | None:
         return amp_dtype(self.device)
 
+    def predict(self, loader: Iterable) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+        """(meta, detections) per image of the loader."""
+        return predict(self.model, loader, self.device, self.amp_dtype)
+
     def loader(
         self, records: list[ImageRecord], batch_size: int | None, workers: int
     ) -> DataLoader:
@@ -72,13 +78,20 @@ class TrainedModel:
         )
 
 
+def load_model(path: Path, device: str = "auto") -> TrainedModel | ExportedModel:
+    """A checkpoint (.pt) or an exported model (.onnx, .xml) for eval and predict."""
+    if is_exported(path):
+        return ExportedModel(path)
+    return TrainedModel(path, device)
+
+
 def write_json(obj, path: Path) -> None:
     """Writes `obj` as JSON, atomically."""
     atomic_write(path, lambda file: file.write(json.dumps(obj).encode("utf-8")))
 
 
 def evaluate_dataset(
-    trained: TrainedModel,
+    trained: TrainedModel | ExportedModel,
     roots: Sequence[Path],
     output: Path,
     subset: str | None = None,
@@ -96,14 +109,8 @@ def evaluate_dataset(
             f"'{trained.path}' was trained on {trained.class_names}"
         )
     single = Distributed(0, 1, 0, trained.device)
-    results = coco_results(
-        trained.model,
-        trained.loader(data.records, batch_size, workers),
-        trained.device,
-        data.category_ids,
-        single,
-        trained.amp_dtype,
-    )
+    detections = trained.predict(trained.loader(data.records, batch_size, workers))
+    results = coco_results_of(detections, data.category_ids, single)
     ground_truth = data.ground_truth()
     metrics = score(ground_truth, results, trained.threshold)
     metrics["dataset"] = {
@@ -140,7 +147,7 @@ def image_records(source: Path) -> list[ImageRecord]:
 
 
 def predict_images(
-    trained: TrainedModel,
+    trained: TrainedModel | ExportedModel,
     source: Path,
     output: Path,
     score_threshold: float | None = None,
@@ -156,7 +163,7 @@ def predict_images(
     results: list[dict] = []
     drawn = 0
     loader = trained.loader(records, batch_size, workers)
-    for meta, det in predict(trained.model, loader, trained.device, trained.amp_dtype):
+    for meta, det in trained.predict(loader):
         record = records[meta["index"]]
         results.extend(
             to_coco_results(

@@ -1,0 +1,109 @@
+"""Running an exported model: ONNX through ONNX Runtime, OpenVINO IR through OpenVINO, with the
+documented pre- and post-processing (graph.py), so that eval and predict treat it as they
+treat a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from instseg_trainer.data.coco import ImageRecord
+from instseg_trainer.data.dataset import InstanceSegDataset, collate
+from instseg_trainer.errors import CheckpointError, InstsegError
+from instseg_trainer.export.graph import INPUTS
+from instseg_trainer.models.mask_rcnn import paste_binary_masks
+
+MASK_THRESHOLD = 0.5
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+
+
+def metadata_path(model_path: Path) -> Path:
+    """The metadata file beside a model: model_fp32.onnx → model_fp32.onnx.json."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".json")
+
+
+class ExportedModel:
+    """An exported model with its metadata: classes, input size, threshold."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        meta_file = metadata_path(self.path)
+        if not self.path.is_file():
+            raise CheckpointError(f"exported model '{self.path}' does not exist")
+        try:
+            self.metadata = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(
+                f"'{meta_file}' (the metadata `instseg export` writes beside the model) "
+                f"cannot be read: {e}; export the model again"
+            ) from e
+        self.device = torch.device("cpu")
+        self.template = self.metadata["template"]
+        self.input_size: int = self.metadata["input_size"]
+        self.class_names: list[str] = [c["name"] for c in self.metadata["classes"]]
+        self.category_ids: list[int] = [c["category_id"] for c in self.metadata["classes"]]
+        self.threshold: float | None = self.metadata.get("score_threshold")
+        self.batch_size = 1  # the graph takes one image
+        self._run = _session(self.path)
+
+    def loader(self, records: list[ImageRecord], batch_size: int | None, workers: int):
+        return DataLoader(
+            InstanceSegDataset(records, self.input_size), batch_size=1, num_workers=workers,
+            collate_fn=collate,
+        )  # fmt: skip
+
+    def predict(self, loader: Iterable) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+        """(meta, detections) per image, as evaluation.evaluator.predict gives them."""
+        for images, _, metas in loader:
+            for image, meta in zip(images, metas):
+                original = np.asarray(meta["original_size"], dtype=np.int64)
+                boxes, labels, scores, masks = self._run(image.numpy(), original)
+                yield meta, _detections(boxes, labels, scores, masks, meta["original_size"])
+
+
+def _detections(boxes, labels, scores, masks, original_size) -> dict[str, np.ndarray]:
+    pasted = paste_binary_masks(
+        torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+        tuple(original_size), MASK_THRESHOLD,
+    )  # fmt: skip
+    return {
+        "boxes": boxes.astype(np.float32),
+        "scores": scores.astype(np.float32),
+        "labels": labels.astype(np.int64) - 1,  # 0-based class indices
+        "masks": pasted.numpy(),
+    }
+
+
+def _session(path: Path):
+    """A function (image, original_size) → (boxes, labels, scores, masks) for the runtime the
+    file's suffix names."""
+    if path.suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda image, size: session.run(None, dict(zip(INPUTS, (image, size))))
+    if path.suffix == ".xml":
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(path), "CPU")
+        request = compiled.create_infer_request()
+
+        def run(image, size):
+            results = request.infer(dict(zip(INPUTS, (image, size))))
+            return [results[output] for output in compiled.outputs]
+
+        return run
+    raise InstsegError(
+        f"'{path}': an exported model is .onnx or .xml (OpenVINO IR); a checkpoint is .pt"
+    )
+
+
+def is_exported(path: Path) -> bool:
+    return Path(path).suffix in EXPORTED_SUFFIXES
