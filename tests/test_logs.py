@@ -144,6 +144,7 @@ def test_the_launchers_lines_and_its_workers_are_json(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr[-3000:]
     entries = _json_lines(done.stderr)
     loggers = {e["logger"] for e in entries}
-    assert "instseg_trainer.launch" in loggers  # the launcher's report of the failed worker
     assert any(name.startswith("torch.distributed") for name in loggers)  # torchrun's own
-    assert sum("instseg train: error: dataset root" in e["message"] for e in entries) == 2
+    # bad input: the launcher adds no report of its own, the trainer's error is what counts
+    assert "instseg_trainer.launch" not in loggers
+    assert any("instseg train: error: dataset root" in e["message"] for e in entries)

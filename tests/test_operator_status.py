@@ -231,6 +231,14 @@ def test_the_trainers_words_are_the_message_of_its_last_json_log_line() -> None:
     assert message.endswith(
         "last trainer exit code 2: instseg train: error: dataset root '/data/train' does not exist"
     )
+    # under torchrun, torchrun's own lines follow the worker's error: the trainer's counts
+    torchrun = ('{"time": "2026-11-30T21:00:00.300Z", "level": "ERROR", "logger": '
+                '"torch.distributed.elastic.multiprocessing.api", "message": "failed (exitcode: '
+                '2) local_rank: 0 (pid: 17141) of binary: /opt/venv/bin/python"}\n')  # fmt: skip
+    both = said + torchrun
+    failed = pod("Failed", terminated={"exitCode": 2, "reason": "Error", "message": both})
+    _, _, message = derive_phase(job(failed=1, conditions=[rule]), [failed])
+    assert message.endswith("dataset root '/data/train' does not exist")
 
 
 def _conditions(phase: str, reason: str, created: bool = True) -> dict[str, tuple[str, str]]:

@@ -13,6 +13,8 @@ from instseg_contract import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED
 
 from .manifests import QUEUE_LABEL
 
+# the trainer's loggers (`instseg`, `instseg_trainer.*`) in its JSON log lines
+TRAINER_LOGGER = "instseg"
 # reasons that mean a trainer pod was scheduled: Scheduled is True and never carries them
 POD_REASONS = {
     "Training", "Finishing", "Completed", "Restarting", "OOMKilled", "BackoffLimitExceeded",
@@ -112,17 +114,26 @@ def _last_termination(pods: list[dict]) -> dict | None:
 
 
 def _last_line(text: str | None) -> str:
-    """The trainer's own last words (its error line) from a termination message; of a JSON
-    log line (what the trainer writes in a pod), its message."""
+    """The trainer's own last words (its error line) from a termination message. Of JSON log
+    lines (what the trainer writes in a pod), the message of the last one the trainer's
+    `instseg` loggers wrote (torchrun's own lines come after a worker's error), else of the
+    last line."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not lines:
         return ""
-    try:
-        entry = json.loads(lines[-1])
-    except ValueError:
-        entry = None
-    said = entry.get("message") if isinstance(entry, dict) else None
+    entries = [entry for entry in map(_json_entry, lines) if entry is not None]
+    trainers = [e for e in entries if str(e.get("logger", "")).startswith(TRAINER_LOGGER)]
+    last = trainers[-1] if trainers else _json_entry(lines[-1])
+    said = last.get("message") if last is not None else None
     return (said.strip() if isinstance(said, str) else lines[-1])[:500]
+
+
+def _json_entry(line: str) -> dict | None:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
