@@ -162,3 +162,32 @@ def test_last_pt_of_an_unfinished_run_exports_with_a_warning(
                        "--format", "onnx", "--output", str(tmp_path / "exported"))  # fmt: skip
     assert code == 0
     assert "unfinished run (epoch 1)" in caplog.text
+
+
+def test_optimize_quantizes_to_int8_within_the_allowed_drop(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, run = trained
+    exported = tmp_path / "exported"
+    assert _cli("export", "--weights", str(run / "best.pt"), "--format", "openvino",
+                "--output", str(exported))[0] == 0  # fmt: skip
+    code, out = _cli("optimize", "--weights", str(exported / "model_fp32.xml"),
+                     "--data-roots", str(data), "--output", str(exported))  # fmt: skip
+    assert code == 0, out
+    meta = json.loads((exported / "model_int8.xml.json").read_text())
+    quantization = meta["quantization"]
+    assert meta["precision"] == "int8" and quantization["calibration_images"] == 8  # all 8
+    drop = quantization["val_segm_map_fp32"] - quantization["val_segm_map_int8"]
+    assert drop <= 0.01 + 1e-9 and "drop" in out
+    reference, _ = _eval(run / "best.pt", data, tmp_path / "eval-pt")
+    metrics, _ = _eval(exported / "model_int8.xml", data, tmp_path / "eval-int8")
+    assert abs(metrics["segm"]["map"] - reference["segm"]["map"]) <= 0.02  # the INT8 target
+
+
+def test_optimize_takes_only_an_fp32_openvino_model(trained: tuple[Path, Path], tmp_path) -> None:
+    data, run = trained
+    assert _cli("export", "--weights", str(run / "best.pt"), "--format", "onnx",
+                "--output", str(tmp_path))[0] == 0  # fmt: skip
+    code = main(["optimize", "--weights", str(tmp_path / "model_fp32.onnx"), "--data-roots",
+                 str(data), "--output", str(tmp_path)])  # fmt: skip
+    assert code == 2

@@ -64,10 +64,10 @@ class ExportedModel:
             for image, meta in zip(images, metas):
                 original = np.asarray(meta["original_size"], dtype=np.int64)
                 boxes, labels, scores, masks = self._run(image.numpy(), original)
-                yield meta, _detections(boxes, labels, scores, masks, meta["original_size"])
+                yield meta, detections(boxes, labels, scores, masks, meta["original_size"])
 
 
-def _detections(boxes, labels, scores, masks, original_size) -> dict[str, np.ndarray]:
+def detections(boxes, labels, scores, masks, original_size) -> dict[str, np.ndarray]:
     pasted = paste_binary_masks(
         torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),

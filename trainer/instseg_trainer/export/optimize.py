@@ -1,0 +1,130 @@
+"""`instseg optimize`: post-training INT8 quantization of an exported model with NNCF, on a
+calibration subset of the train set, with OTX-like accuracy control: quantized layers are
+reverted to float, most harmful first, until segm mAP on the validation set is at most
+`max_drop` below the float model's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instseg_trainer.data.coco import CocoSubset, load_coco_roots
+from instseg_trainer.data.dataset import InstanceSegDataset
+from instseg_trainer.engine.distributed import Distributed
+from instseg_trainer.engine.run import check_output_dir
+from instseg_trainer.errors import DataError, InstsegError
+from instseg_trainer.evaluation.evaluator import coco_results_of, score
+from instseg_trainer.export.graph import INPUTS
+from instseg_trainer.export.runtime import ExportedModel, detections, metadata_path
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 300
+MAX_DROP = 0.01  # segm mAP, absolute: one AP point
+
+
+@dataclass(frozen=True)
+class Optimized:
+    model: Path
+    calibration_images: int
+    float_map: float
+    int8_map: float
+    size_bytes: int
+
+    @property
+    def drop(self) -> float:
+        return self.float_map - self.int8_map
+
+
+def optimize_model(
+    weights: Path,
+    train_roots: Sequence[Path],
+    val_roots: Sequence[Path],
+    output: Path,
+    subset_size: int = CALIBRATION_IMAGES,
+    max_drop: float = MAX_DROP,
+) -> Optimized:
+    import nncf
+    import openvino
+
+    source = ExportedModel(weights)  # reads the metadata, checks the file
+    if source.path.suffix != ".xml" or source.metadata.get("precision") != "fp32":
+        raise InstsegError(
+            f"'{weights}': optimize takes an fp32 OpenVINO IR; make one with `instseg export "
+            f"--format openvino --precision fp32`"
+        )
+    output = check_output_dir(output)
+    train = _subset(train_roots, "train", source)
+    val = _subset(val_roots, "val", source)
+    calibration = nncf.Dataset(_items(train, source.input_size), _inputs)
+    validation = nncf.Dataset(_items(val, source.input_size), _inputs)
+    ground_truth = val.ground_truth()
+
+    def segm_map(compiled, items: Iterable[dict]) -> float:
+        return _segm_map(compiled, items, val.category_ids, ground_truth)
+
+    model = openvino.Core().read_model(str(source.path))
+    quantized = nncf.quantize_with_accuracy_control(
+        model, calibration, validation, validation_fn=segm_map, max_drop=max_drop,
+        drop_type=nncf.DropType.ABSOLUTE, subset_size=min(subset_size, len(train.records)),
+    )  # fmt: skip
+    core = openvino.Core()
+    float_map = segm_map(core.compile_model(model, "CPU"), validation.get_data())
+    int8_map = segm_map(core.compile_model(quantized, "CPU"), validation.get_data())
+    calibrated = min(subset_size, len(train.records))
+    path = output / "model_int8.xml"
+    quantization = {"calibration_images": calibrated, "max_drop": max_drop,
+                    "val_segm_map_fp32": float_map, "val_segm_map_int8": int8_map}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix=".optimize-", dir=output) as staging:
+        staged = Path(staging) / path.name
+        openvino.save_model(quantized, str(staged), compress_to_fp16=False)
+        metadata = {**source.metadata, "precision": "int8", "quantization": quantization}
+        metadata_path(staged).write_text(json.dumps(metadata, indent=2) + "\n")
+        for file in sorted(Path(staging).iterdir(), key=lambda p: p.suffix == ".json"):
+            file.replace(output / file.name)
+    size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    return Optimized(path, calibrated, float_map, int8_map, size)
+
+
+def _subset(roots: Sequence[Path], subset: str, source: ExportedModel) -> CocoSubset:
+    data = load_coco_roots(roots, subset)
+    if data.class_names != source.class_names:
+        raise DataError(
+            f"'{data.annotation_file}' has classes {data.class_names}, but the model "
+            f"'{source.path}' was trained on {source.class_names}"
+        )
+    return data
+
+
+def _items(data: CocoSubset, input_size: int) -> list[dict]:
+    """Each image as the graph takes it, with its meta (decoded once, kept in memory)."""
+    dataset = InstanceSegDataset(data.records, input_size)
+    items = []
+    for index in range(len(dataset)):
+        image, _, meta = dataset[index]
+        size = np.asarray(meta["original_size"], dtype=np.int64)
+        items.append({INPUTS[0]: image.numpy(), INPUTS[1]: size, "meta": meta})
+    return items
+
+
+def _inputs(item: dict) -> dict:
+    return {name: item[name] for name in INPUTS}
+
+
+def _segm_map(compiled, items: Iterable[dict], category_ids: list[int], ground_truth) -> float:
+    def predictions():
+        for item in items:
+            results = compiled(_inputs(item))
+            outputs = [results[output] for output in compiled.outputs]
+            yield item["meta"], detections(*outputs, item["meta"]["original_size"])
+
+    single = Distributed(0, 1, 0, torch.device("cpu"))
+    results = coco_results_of(predictions(), category_ids, single)
+    return float(score(ground_truth, results)["segm"]["map"])
