@@ -13,7 +13,14 @@ import yaml
 from instseg_operator.manifests import trainer_command
 from instseg_operator.status import build_conditions
 from instseg_trainer.cli import build_parser
-from instseg_trainer.reporting.events import Epoch, Final, Iteration, Start, Validation
+from instseg_trainer.reporting.events import (
+    Epoch,
+    Exported,
+    Final,
+    Iteration,
+    Start,
+    Validation,
+)
 from instseg_trainer.reporting.kubernetes_status import progress_patch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,5 +80,10 @@ def test_the_contract_needs_only_the_standard_library() -> None:
 
 
 def test_the_trainers_events_are_the_contracts_kinds() -> None:
-    kinds = tuple(kind.kind for kind in (Start, Iteration, Epoch, Validation, Final))
+    kinds = tuple(kind.kind for kind in (Start, Iteration, Epoch, Validation, Final, Exported))
     assert kinds == contract.EVENT_KINDS
+
+
+def test_artifact_fields_are_the_crds() -> None:
+    artifacts = SCHEMA["status"]["properties"]["artifacts"]["items"]["properties"]
+    assert tuple(artifacts) == contract.ARTIFACT_FIELDS

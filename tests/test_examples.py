@@ -178,6 +178,14 @@ INVALID = {
         lambda spec: spec["hyperparameters"].update(inputSize=500),
         "spec.hyperparameters.inputSize in body should be a multiple of 32",
     ),
+    "INT8 export without the OpenVINO model": (
+        lambda spec: spec.update(export={"formats": ["onnx"], "optimize": True}),
+        "export.optimize (INT8) quantizes the OpenVINO model; add openvino to export.formats",
+    ),
+    "an unknown export format": (
+        lambda spec: spec.update(export={"formats": ["tflite"]}),
+        'spec.export.formats[0]: Unsupported value: "tflite"',
+    ),
     "zero learning rate": (
         lambda spec: spec["hyperparameters"].update(learningRate=0),
         "spec.hyperparameters.learningRate in body should be greater than 0",

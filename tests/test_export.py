@@ -191,3 +191,24 @@ def test_optimize_takes_only_an_fp32_openvino_model(trained: tuple[Path, Path], 
     code = main(["optimize", "--weights", str(tmp_path / "model_fp32.onnx"), "--data-roots",
                  str(data), "--output", str(tmp_path)])  # fmt: skip
     assert code == 2
+
+
+def test_train_exports_after_training_and_reports_the_models(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, _ = trained
+    code, out = _cli(
+        "train", "MaskRCNN-EfficientNetB2B", "--train-data-roots", str(data),
+        "--val-data-roots", str(data), "--output", str(tmp_path / "run"), "--epochs", "1",
+        "--batch-size", "2", "--input-size", "64", "--backbone-weights", "none",
+        "--workers", "0", "--export", "onnx,openvino", "--export-precision", "fp16",
+    )  # fmt: skip
+    assert code == 0, out
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+              .splitlines()]  # fmt: skip
+    assert [e["event"] for e in events][-2:] == ["final", "export"]
+    artifacts = {a["name"]: a for a in events[-1]["artifacts"]}
+    assert set(artifacts) == {"onnx-fp32", "openvino-fp16"}  # ONNX stays fp32
+    for artifact in artifacts.values():
+        assert Path(artifact["path"]).parent == tmp_path / "run" / "exported"
+        assert Path(artifact["path"]).is_file() and 0 <= artifact["valSegmMap"] <= 1

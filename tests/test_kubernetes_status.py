@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from kubernetes import client
 
-from instseg_trainer.reporting.events import Final, Iteration, Start, Validation
+from instseg_trainer.reporting.events import Exported, Final, Iteration, Start, Validation
 from instseg_trainer.reporting.kubernetes_status import KubernetesStatusReporter, progress_patch
 
 
@@ -150,3 +150,18 @@ def test_every_progress_field_survives_crd_pruning() -> None:
         progress = progress_patch(event)
         assert set(progress) | {"updatedAt"} <= set(declared), event.kind
         assert set(progress.get("metrics", {})) <= set(declared["metrics"]["properties"])
+
+
+def test_exported_models_are_patched_into_status_artifacts_at_once(api_server) -> None:
+    reporter = _reporter(api_server, lambda: 0.0)
+    reporter.report(_iteration(1))
+    artifact = {
+        "name": "onnx-fp32",
+        "path": "/output/exported/model_fp32.onnx",
+        "format": "onnx",
+        "precision": "fp32",
+        "sizeBytes": 10,
+        "valSegmMap": 0.4,
+    }
+    reporter.report(Exported(artifacts=[artifact]))  # fmt: skip
+    assert api_server.requests[-1][2] == {"status": {"artifacts": [artifact]}}

@@ -143,7 +143,7 @@ def training(name: str, namespace: str, **spec) -> dict:
 
 def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> None:
     ns = cluster.namespace("e2e")
-    cluster.kubectl.apply(training("shapes-r50", ns))
+    cluster.kubectl.apply(training("shapes-r50", ns, export={"formats": ["onnx"]}))
     job = wait_for("the Job", lambda: cluster.jobs(ns), timeout=30)[0]
     assert job["metadata"]["name"] == "shapes-r50-train"
     (owner,) = job["metadata"]["ownerReferences"]
@@ -175,6 +175,16 @@ def test_example_trains_to_success_and_delete_cleans_up(cluster: Cluster) -> Non
     run = cluster.local.volume_dir(ns, "instseg-runs") / "shapes-r50"
     assert progress["bestCheckpoint"] == "/output/best.pt"  # the claim's subPath in the pod
     assert (run / "best.pt").is_file() and (run / "metrics.jsonl").is_file()
+    # spec.export: the trainer exported best.pt in the pod and listed it, scored on val
+    (artifact,) = status["artifacts"]
+    assert artifact["name"] == "onnx-fp32" and artifact["format"] == "onnx"
+    assert artifact["path"] == "/output/exported/model_fp32.onnx"
+    assert artifact["sizeBytes"] == (run / "exported" / "model_fp32.onnx").stat().st_size
+    assert 0 <= artifact["valSegmMap"] <= 1
+    assert "onnx-fp32" in cluster.kubectl("get", "ist", "shapes-r50", "-n", ns, "-o", "wide")
+    (exported,) = [e for e in cluster.wait_event(ns, "shapes-r50", "Exported")
+                   if e["reason"] == "Exported"]  # fmt: skip
+    assert "/output/exported/model_fp32.onnx" in exported["message"]
 
     table = cluster.kubectl("get", "ist", "-n", ns)
     assert "Succeeded" in table and "1/1" in table and "MaskRCNN-ResNet50" in table

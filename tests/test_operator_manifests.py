@@ -210,8 +210,8 @@ def test_printer_columns_point_at_schema_fields() -> None:
     schema = version["schema"]["openAPIV3Schema"]
     for column in version["additionalPrinterColumns"]:
         node = schema
-        # a filter such as [?(@.type=="Scheduled")] selects items of a list
-        path = re.sub(r"\[\?\(.*?\)\]", "[]", column["jsonPath"])
+        # a filter such as [?(@.type=="Scheduled")], or [*], selects items of a list
+        path = re.sub(r"\[(\?\(.*?\)|\*)\]", "[]", column["jsonPath"])
         for part in path.strip(".").split("."):
             if part == "metadata":
                 break
@@ -324,3 +324,13 @@ def test_resources_take_requests_limits_and_any_gpu_resource() -> None:
         "spec.resources.gpuResource: 'gpu' is not an extended resource name (write e.g. "
         "nvidia.com/gpu, amd.com/gpu or nvidia.com/mig-1g.10gb)",
     ]
+
+
+def test_spec_export_reaches_the_trainer_as_flags_it_parses() -> None:
+    export = {"formats": ["onnx", "openvino"], "precision": "fp16", "optimize": True}
+    command = _container(build_training_job(_resource(export=export)))["command"]
+    args = build_parser().parse_args(command[1:])
+    assert args.export == ["onnx", "openvino"] and args.export_precision == "fp16"
+    assert args.export_optimize
+    plain = _container(build_training_job(_resource()))["command"]
+    assert "--export" not in plain

@@ -54,11 +54,18 @@ HYPERPARAMETER_FLAGS = {
     "seed": "--seed",
     "backboneWeights": "--backbone-weights",
 }
+# spec.export → what the trainer exports after training, into <output>/EXPORT_DIRECTORY
+EXPORT_FLAG = "--export"  # comma-separated formats
+EXPORT_PRECISION_FLAG = "--export-precision"
+EXPORT_OPTIMIZE_FLAG = "--export-optimize"
+EXPORT_DIRECTORY = "exported"
 # the trainer's exit code for bad input (its data, its flags): no retry can fix it
 EXIT_USER_ERROR = 2
 
 # ---- progress: the trainer's events, and the status.progress fields they update
-EVENT_KINDS = ("start", "iteration", "epoch", "validation", "final")
+EVENT_KINDS = ("start", "iteration", "epoch", "validation", "final", "export")
+# status.artifacts: one entry per exported model, written by the trainer
+ARTIFACT_FIELDS = ("name", "path", "format", "precision", "sizeBytes", "valSegmMap")
 PROGRESS_FIELDS = (
     "epoch", "totalEpochs", "epochText", "iteration", "loss", "learningRate",
     "imagesPerSecond", "etaSeconds", "bestCheckpoint", "metrics", "updatedAt",

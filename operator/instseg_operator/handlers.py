@@ -53,6 +53,8 @@ _locks_guard = threading.Lock()
 # (namespace, training) → (Job uid, time) of the last group restart carried out: the Job's
 # record of it (group.RESTART_ANNOTATION) reaches the index only with the next watch event
 _restarts_done: dict[tuple[str, str], tuple[str, datetime.datetime]] = {}
+# (namespace, training) → the exported models an Event announced (status.artifacts' paths)
+_exports_announced: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def cluster() -> Cluster:
@@ -474,15 +476,34 @@ def recheck_waiting(
 
 @kopf.on.event(*TRAINING)
 def on_training_event(event: kopf.RawEvent, body: kopf.Body, **_) -> None:
-    """Every change of a training (its progress patches included) updates its series."""
+    """Every change of a training (its progress patches included) updates its series, and
+    models the trainer exported get an Event."""
     meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
     if event["type"] == "DELETED":
-        METRICS.forget(meta["namespace"], meta["name"])
+        METRICS.forget(*key)
         with _locks_guard:
-            _locks.pop((meta["namespace"], meta["name"]), None)
-            _restarts_done.pop((meta["namespace"], meta["name"]), None)
+            _locks.pop(key, None)
+            _restarts_done.pop(key, None)
+            _exports_announced.pop(key, None)
     else:
         METRICS.observe(_plain(body))
+        _announce_exports(_plain(body))
+
+
+def _announce_exports(training: dict) -> None:
+    artifacts = (training.get("status") or {}).get("artifacts") or []
+    key = (training["metadata"]["namespace"], training["metadata"]["name"])
+    names = tuple(a.get("path", "") for a in artifacts)
+    with _locks_guard:
+        if not artifacts or _exports_announced.get(key) == names:
+            return
+        _exports_announced[key] = names
+    listed = "; ".join(
+        f"{a.get('name')} at {a.get('path')} (val segm mAP {a.get('valSegmMap')})"
+        for a in artifacts
+    )
+    kopf.event(training, type="Normal", reason="Exported", message=f"exported {listed}")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=manifests.MANAGED_BY)

@@ -143,6 +143,7 @@ def trainer_command(spec: dict, job: str, service: str) -> list[str]:
         value = (spec.get("hyperparameters") or {}).get(key)
         if value is not None:
             train += [flag, str(value)]
+    train += _export_flags(spec.get("export"))
     workers = int(spec.get("workers", 1))
     gpus = int((spec.get("resources") or {}).get("gpus", 1))
     if workers == 1 and gpus <= 1:
@@ -164,6 +165,15 @@ def trainer_command(spec: dict, job: str, service: str) -> list[str]:
         "-m", contract.TRAINER_MODULE,
         *train,
     ]  # fmt: skip
+
+
+def _export_flags(export: dict | None) -> list[str]:
+    """spec.export as the trainer's flags: it exports after training."""
+    if not export:
+        return []
+    flags = [contract.EXPORT_FLAG, ",".join(export["formats"])]
+    flags += [contract.EXPORT_PRECISION_FLAG, export.get("precision", "fp32")]
+    return flags + ([contract.EXPORT_OPTIMIZE_FLAG] if export.get("optimize") else [])
 
 
 def _volumes(spec: dict) -> tuple[list[dict], list[dict]]:

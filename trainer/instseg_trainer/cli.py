@@ -51,6 +51,14 @@ def _add_roots_arg(p: argparse.ArgumentParser, flag: str, what: str) -> None:
     )
 
 
+def _formats(text: str) -> list[str]:
+    formats = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [f for f in formats if f not in ("onnx", "openvino")]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: formats are onnx and openvino")
+    return list(dict.fromkeys(formats))
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -141,6 +149,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="save a resumable checkpoint and stop after N iterations in total",
     )
     p.add_argument("--log-interval", type=_positive_int, default=10, help="iterations per report")
+    p.add_argument(
+        "--export", type=_formats, metavar="FORMAT[,FORMAT]",
+        help="after training, export best.pt (onnx, openvino) into OUTPUT/exported, each model "
+        "scored on the val set",
+    )  # fmt: skip
+    p.add_argument(
+        "--export-precision", choices=("fp32", "fp16"), default="fp32",
+        help="precision of the exported OpenVINO model (default: fp32)",
+    )  # fmt: skip
+    p.add_argument(
+        "--export-optimize", action="store_true",
+        help="also an INT8 OpenVINO model (instseg optimize) among the exports",
+    )  # fmt: skip
     _add_runtime_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -348,7 +369,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             reporter.close()
     if final.status == "interrupted":  # 128 + the signal, as a shell reports a killed process
         return 128 + (final.stop_signal or signal.SIGTERM)
+    if is_main and args.export and final.best_checkpoint:
+        _export_trained(args, Path(final.best_checkpoint))
     return 0
+
+
+def _export_trained(args: argparse.Namespace, best: Path) -> None:
+    from instseg_trainer.export.after_training import export_after_training
+    from instseg_trainer.reporting.events import Exported
+    from instseg_trainer.reporting.kubernetes_status import KubernetesStatusReporter
+    from instseg_trainer.reporting.reporters import make_reporters
+
+    artifacts = export_after_training(
+        best, args.export, args.export_precision, args.export_optimize,
+        args.train_data_roots, args.val_data_roots,
+    )  # fmt: skip
+    reporter = make_reporters(args.output)
+    if kubernetes := KubernetesStatusReporter.from_environment():
+        reporter.reporters.append(kubernetes)
+    reporter.report(Exported(artifacts=artifacts))
+    reporter.close()
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -94,6 +94,16 @@ class Validation(Progress):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Exported(Event):
+    """After training (spec.export / --export): the models exported from best.pt, each with
+    name, path, format, precision, sizeBytes and valSegmMap (instseg_contract.ARTIFACT_FIELDS).
+    """
+
+    kind: ClassVar[str] = "export"
+    artifacts: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Final(Event):
     """The run ended: completed, early_stopped, stopped (--stop-after-iterations) or
     interrupted (a stop signal, `stop_signal`; its checkpoint is saved)."""

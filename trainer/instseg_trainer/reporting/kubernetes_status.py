@@ -19,6 +19,7 @@ from instseg_contract import ENV_NAME, ENV_NAMESPACE, GROUP, PLURAL, VERSION
 from instseg_trainer.reporting.events import (
     Epoch,
     Event,
+    Exported,
     Final,
     Iteration,
     Progress,
@@ -128,6 +129,9 @@ class KubernetesStatusReporter:
         return cls(name, namespace, client.CustomObjectsApi())
 
     def report(self, event: Event) -> None:
+        if isinstance(event, Exported):  # status.artifacts, at once
+            self._patch({"artifacts": event.artifacts})
+            return
         progress = progress_patch(event)
         if progress is None:
             return
@@ -146,8 +150,13 @@ class KubernetesStatusReporter:
         if not self._pending:
             return
         self._pending["updatedAt"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {"status": {"progress": self._pending}}
         self._last_sent = self.clock()
+        if self._patch({"progress": self._pending}):
+            self._pending = {}
+
+    def _patch(self, status: dict) -> bool:
+        """Merge-patches the resource's status; False (logged) when it failed."""
+        body = {"status": status}
         try:
             self.api.patch_namespaced_custom_object_status(
                 GROUP, VERSION, self.namespace, PLURAL, self.name, body,
@@ -159,11 +168,11 @@ class KubernetesStatusReporter:
         except Exception as e:  # the training matters more than its progress report
             self.failures += 1
             log.warning(
-                "could not patch status.progress of %s/%s (%d failure(s)): %s",
+                "could not patch the status of %s/%s (%d failure(s)): %s",
                 self.namespace, self.name, self.failures, str(e).splitlines()[0],
             )  # fmt: skip
-            return
-        self._pending = {}
+            return False
+        return True
 
     def close(self) -> None:
         self._send()

@@ -16,7 +16,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from instseg_trainer.reporting.events import Epoch, Event, Final, Iteration, Start, Validation
+from instseg_trainer.reporting.events import (
+    Epoch,
+    Event,
+    Exported,
+    Final,
+    Iteration,
+    Start,
+    Validation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +141,12 @@ class TerminalReporter:
             self._print(self._validation_line(event))
         elif isinstance(event, Final):
             self._print(self._final_line(event))
+        elif isinstance(event, Exported):
+            for artifact in event.artifacts:
+                self._print(
+                    f"exported {artifact['name']}: {artifact['path']} (val segm mAP "
+                    f"{_number(artifact['valSegmMap'], '.3f')})"
+                )
 
     def close(self) -> None:
         if self._bar_length:
