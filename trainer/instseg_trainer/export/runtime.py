@@ -5,6 +5,7 @@ treat a checkpoint."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from torch.utils.data import DataLoader
 from instseg_trainer.data.coco import ImageRecord
 from instseg_trainer.data.dataset import InstanceSegDataset, collate
 from instseg_trainer.errors import CheckpointError, InstsegError
-from instseg_trainer.export.graph import INPUTS
+from instseg_trainer.export.graph import INPUTS, OUTPUTS
 from instseg_trainer.models.mask_rcnn import paste_binary_masks
+
+log = logging.getLogger(__name__)
 
 MASK_THRESHOLD = 0.5
 EXPORTED_SUFFIXES = (".onnx", ".xml")
@@ -64,10 +67,21 @@ class ExportedModel:
             for image, meta in zip(images, metas):
                 original = np.asarray(meta["original_size"], dtype=np.int64)
                 boxes, labels, scores, masks = self._run(image.numpy(), original)
-                yield meta, detections(boxes, labels, scores, masks, meta["original_size"])
+                found = detections(boxes, labels, scores, masks, meta["original_size"],
+                                   len(self.class_names))  # fmt: skip
+                yield meta, found
 
 
-def detections(boxes, labels, scores, masks, original_size) -> dict[str, np.ndarray]:
+def detections(boxes, labels, scores, masks, original_size, classes: int) -> dict[str, np.ndarray]:
+    """The graph's outputs → detections as PyTorch inference gives them (masks pasted). A
+    detection whose class index is not a class is dropped, with a warning: OpenVINO's CPU
+    plugin was seen to return such indices from INT8 models on images with one detection."""
+    labels = np.asarray(labels).astype(np.int64)
+    valid = (labels >= 1) & (labels <= classes)
+    if not valid.all():
+        log.warning("dropped %d detection(s) with an invalid class index from the runtime",
+                    int((~valid).sum()))  # fmt: skip
+        boxes, labels, scores, masks = boxes[valid], labels[valid], scores[valid], masks[valid]
     pasted = paste_binary_masks(
         torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
@@ -97,7 +111,7 @@ def _session(path: Path):
 
         def run(image, size):
             results = request.infer(dict(zip(INPUTS, (image, size))))
-            return [results[output] for output in compiled.outputs]
+            return [results[compiled.output(name)] for name in OUTPUTS]
 
         return run
     raise InstsegError(
