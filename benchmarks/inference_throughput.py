@@ -132,6 +132,7 @@ def main() -> None:
         latency = {name: median_latency(path, data, args.images, args.runs)
                    for name, path in models.items()}  # fmt: skip
         sizes = {name: size_mib(path) for name, path in models.items()}
+        input_size = load_model(weights, "cpu").input_size  # the checkpoint's, if given
     figures = {
         name: {"latency_ms": round(seconds * 1000, 1), "img_s": round(1 / seconds, 2),
                "speedup_vs_pytorch": round(latency["pytorch"] / seconds, 2),
@@ -143,7 +144,7 @@ def main() -> None:
               f"x{row['speedup_vs_pytorch']:.2f}  {row['size_mib']:6.1f} MiB")  # fmt: skip
     print(json.dumps({
         "benchmark": "inference_throughput", "template": args.template,
-        "input_size": args.input_size, "device": "cpu", "threads": torch.get_num_threads(),
+        "input_size": input_size, "device": "cpu", "threads": torch.get_num_threads(),
         "images": args.images, "runs": args.runs, "trained_here": args.weights is None,
         "forms": figures,
     }))  # fmt: skip
