@@ -353,7 +353,10 @@ def refresh(namespace: str, name: str, children: Children, logger: logging.Logge
         previous = training.get("status") or {}
         generation = training["metadata"].get("generation", 1)
         user_suspend = bool(training["spec"].get("suspend", False))
-        _restart_group(training, job, pods, logger)
+        try:
+            _restart_group(training, job, pods, logger)
+        except ApiError as e:  # the status below matters more; retried on the next event
+            logger.warning("%s/%s: group restart failed: %s", namespace, name, e)
         refusal = _pod_refusal(job, pods)
         new = training_status(job, pods, previous, generation, _now(), user_suspend, refusal)
         if {k: previous.get(k) for k in new} == new:
