@@ -198,16 +198,7 @@ def derive_phase(
     live = "Pending" in phases or "Running" in phases
     # suspended once no pod is left to stop (the Job's `active` count lags the pods' deletion)
     if spec.get("suspend") and not (status.get("active") and live):
-        # a queued Job (Kueue: created suspended with a queue label, unsuspended on admission)
-        # waits for its queue; one suspended although the user did not ask waits for some
-        # other controller
-        queue = ((job.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
-        if queue or user_suspend is False:
-            where = f"queue {queue}" if queue else "its queue"
-            return PENDING, "Queued", f"waiting for admission in {where} (the Job is suspended)"
-        if status.get("terminating") or dying:
-            return SUSPENDED, "Suspended", "the Job is suspended; the trainer saves a checkpoint"
-        return SUSPENDED, "Suspended", "the Job is suspended; set spec.suspend false to resume"
+        return _suspended(job, user_suspend, bool(status.get("terminating") or dying))
     problem = _waiting_problem(pods)
     if problem:
         return PENDING, problem[0], problem[1]
@@ -221,10 +212,7 @@ def derive_phase(
         # the trainer exited 0 and the Job controller has not written Complete yet
         return RUNNING, "Finishing", "the trainer finished; the Job is completing"
     if refusal and not live:
-        reason = refusal_reason(refusal)
-        advice = REFUSAL_ADVICE.get(reason)
-        message = f"the API server refuses the trainer pod: {refusal}"
-        return PENDING, reason, f"{message}; {advice}" if advice else message
+        return _refused(refusal)
     failures = max(status.get("failed") or 0, phases.count("Failed"))
     if failures:
         return PENDING, "Restarting", f"{failures} failed attempt(s); retrying"
@@ -232,6 +220,26 @@ def derive_phase(
         # podReplacementPolicy Failed: the new pod waits for the old trainer to exit
         return PENDING, "Starting", "waiting for the previous trainer pod to save and exit"
     return PENDING, "Starting", "waiting for the trainer pod to start"
+
+
+def _suspended(job: dict, user_suspend: bool | None, stopping: bool) -> tuple[str, str, str]:
+    """A suspended Job: queued (Kueue: created suspended with a queue label, unsuspended on
+    admission; or suspended although the user did not ask), else Suspended."""
+    queue = ((job.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
+    if queue or user_suspend is False:
+        where = f"queue {queue}" if queue else "its queue"
+        return PENDING, "Queued", f"waiting for admission in {where} (the Job is suspended)"
+    if stopping:
+        return SUSPENDED, "Suspended", "the Job is suspended; the trainer saves a checkpoint"
+    return SUSPENDED, "Suspended", "the Job is suspended; set spec.suspend false to resume"
+
+
+def _refused(refusal: str) -> tuple[str, str, str]:
+    """The API server refuses the trainer pod: why, and what to change."""
+    reason = refusal_reason(refusal)
+    advice = REFUSAL_ADVICE.get(reason)
+    message = f"the API server refuses the trainer pod: {refusal}"
+    return PENDING, reason, f"{message}; {advice}" if advice else message
 
 
 def _condition_states(phase: str, reason: str, created: bool) -> dict[str, bool]:
