@@ -205,6 +205,29 @@ def load_coco_subset(root: Path, subset: str | None) -> CocoSubset:
             f"the file declares {class_names}; check 'categories' for duplicate names or ids"
         )
 
+    records = _records(dataset, path, Path(root) / "images" / name, skipped, problems)
+    records.sort(key=lambda r: r.image_id)
+    if not records:
+        raise DataError(
+            f"annotation file '{path}' has no usable images: 'images' is empty or every entry "
+            f"was skipped (see the warnings above)"
+        )
+    if skipped:
+        log.warning(
+            "%s: skipped %d bad annotation(s): %s. First: %s",
+            path,
+            sum(skipped.values()),
+            ", ".join(f"{n} {reason}" for reason, n in skipped.items()),
+            "; ".join(problems[:3]),
+        )
+    return CocoSubset(name, (path,), records, class_names, category_ids, data, skipped)
+
+
+def _records(
+    dataset: Dataset, path: Path, images: Path, skipped: Counter, problems: list[str]
+) -> list[ImageRecord]:
+    """The imported items as records; an error naming the images that are missing or whose
+    size differs from the annotation file's."""
     records = []
     missing: list[str] = []
     wrong_size: list[str] = []
@@ -224,28 +247,14 @@ def load_coco_subset(root: Path, subset: str | None) -> CocoSubset:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(
             f"annotation file '{path}' names {len(missing)} image(s) that are missing or not "
-            f"readable images: {shown}; images must be under '{Path(root) / 'images' / name}'"
+            f"readable images: {shown}; images must be under '{images}'"
         )
     if wrong_size:
         raise DataError(
             f"annotation file '{path}': {len(wrong_size)} image(s) differ from their "
             f"'width'/'height': {'; '.join(wrong_size[:3])}; fix the annotation file"
         )
-    records.sort(key=lambda r: r.image_id)
-    if not records:
-        raise DataError(
-            f"annotation file '{path}' has no usable images: 'images' is empty or every entry "
-            f"was skipped (see the warnings above)"
-        )
-    if skipped:
-        log.warning(
-            "%s: skipped %d bad annotation(s): %s. First: %s",
-            path,
-            sum(skipped.values()),
-            ", ".join(f"{n} {reason}" for reason, n in skipped.items()),
-            "; ".join(problems[:3]),
-        )
-    return CocoSubset(name, (path,), records, class_names, category_ids, data, skipped)
+    return records
 
 
 def load_coco_roots(roots: Sequence[Path], subset: str | None) -> CocoSubset:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from instseg_trainer.data.coco import ImageRecord, image_size, load_coco_roots
+from instseg_trainer.data.coco import CocoSubset, ImageRecord, image_size, load_coco_roots
 from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
 from instseg_trainer.engine.checkpoint import load_checkpoint
 from instseg_trainer.engine.distributed import (
@@ -85,6 +85,19 @@ def load_model(path: Path, device: str = "auto") -> TrainedModel | ExportedModel
     return TrainedModel(path, device)
 
 
+def load_for_model(
+    roots: Sequence[Path], subset: str | None, model: TrainedModel | ExportedModel
+) -> CocoSubset:
+    """A COCO subset to run `model` on, which must have the model's classes."""
+    data = load_coco_roots(roots, subset)
+    if data.class_names != model.class_names:
+        raise DataError(
+            f"'{data.annotation_file}' has classes {data.class_names}, but the model "
+            f"'{model.path}' was trained on {model.class_names}"
+        )
+    return data
+
+
 def write_json(obj, path: Path) -> None:
     """Writes `obj` as JSON, atomically."""
     atomic_write(path, lambda file: file.write(json.dumps(obj).encode("utf-8")))
@@ -102,12 +115,7 @@ def evaluate_dataset(
     predictions.json (COCO results, RLE masks) and ground_truth.json (what was scored). With
     one root, image ids are the dataset's own; with several, renumbered as ground_truth.json
     says."""
-    data = load_coco_roots(roots, subset)
-    if data.class_names != trained.class_names:
-        raise DataError(
-            f"'{data.annotation_file}' has classes {data.class_names}, but the model "
-            f"'{trained.path}' was trained on {trained.class_names}"
-        )
+    data = load_for_model(roots, subset, trained)
     single = Distributed(0, 1, 0, trained.device)
     detections = trained.predict(trained.loader(data.records, batch_size, workers))
     results = coco_results_of(detections, data.category_ids, single)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,17 +58,29 @@ def export_model(weights: Path, fmt: str, precision: str, output: Path) -> Expor
     _warn_if_unfinished(trained)
     output = check_output_dir(output)
     name = model_name(fmt, precision)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=output) as staging:
-        staged = Path(staging) / name
-        _write_model(trained, fmt, precision, staged)
-        metadata = _metadata(trained, fmt, precision)
+    model = publish(
+        output / name, lambda staged: _write_model(trained, fmt, precision, staged),
+        _metadata(trained, fmt, precision),
+    )  # fmt: skip
+    return Exported(model, metadata_path(model), fmt, precision, model_size(model))
+
+
+def publish(model: Path, write: Callable[[Path], None], metadata: dict) -> Path:
+    """Writes a model (`write` gets the path to write it to) and its metadata in a temporary
+    directory beside `model`, then renames them into place, the metadata last: a model is
+    listed once it is whole, and a failure leaves nothing."""
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=model.parent) as staging:
+        staged = Path(staging) / model.name
+        write(staged)
         metadata_path(staged).write_text(json.dumps(metadata, indent=2) + "\n")
-        files = sorted(Path(staging).iterdir(), key=lambda p: p.suffix == ".json")
-        for file in files:  # the metadata last: a model is listed once it is whole
-            os.replace(file, output / file.name)
-    model = output / name
-    size = sum(p.stat().st_size for p in (model, model.with_suffix(".bin")) if p.is_file())
-    return Exported(model, metadata_path(model), fmt, precision, size)
+        for file in sorted(Path(staging).iterdir(), key=lambda p: p.suffix == ".json"):
+            os.replace(file, model.parent / file.name)
+    return model
+
+
+def model_size(model: Path) -> int:
+    """Bytes of a model's files (OpenVINO IR: .xml and .bin)."""
+    return sum(p.stat().st_size for p in (model, model.with_suffix(".bin")) if p.is_file())
 
 
 def _write_model(trained: TrainedModel, fmt: str, precision: str, path: Path) -> None:

@@ -10,9 +10,7 @@ indices on images with one detection, which its per-layer ranking cannot handle.
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instseg_trainer.data.coco import CocoSubset, load_coco_roots
+from instseg_trainer.data.coco import CocoSubset
 from instseg_trainer.data.dataset import InstanceSegDataset
 from instseg_trainer.engine.distributed import Distributed
 from instseg_trainer.engine.run import check_output_dir
-from instseg_trainer.errors import DataError, InstsegError
+from instseg_trainer.errors import InstsegError
 from instseg_trainer.evaluation.evaluator import coco_results_of, score
+from instseg_trainer.evaluation.inference import load_for_model
+from instseg_trainer.export.exporter import model_size, publish
 from instseg_trainer.export.graph import INPUTS, OUTPUTS
-from instseg_trainer.export.runtime import ExportedModel, detections, metadata_path
+from instseg_trainer.export.runtime import ExportedModel, detections
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def optimize_model(
             f"--format openvino --precision fp32`"
         )
     output = check_output_dir(output)
-    train = _subset(train_roots, "train", source)
-    val = _subset(val_roots, "val", source)
+    train = load_for_model(train_roots, "train", source)
+    val = load_for_model(val_roots, "val", source)
     calibration = nncf.Dataset(_items(train, source.input_size), _inputs)
     validation = nncf.Dataset(_items(val, source.input_size), _inputs)
     ground_truth = val.ground_truth()
@@ -107,28 +107,14 @@ def optimize_model(
             f"more than --max-drop {max_drop}; nothing written: raise --max-drop, or deploy "
             f"the fp16 or fp32 model"
         )
-    path = output / "model_int8.xml"
     quantization = {"calibration_images": calibrated, "max_drop": max_drop, "stage": stage,
                     "val_segm_map_fp32": float_map, "val_segm_map_int8": int8_map}  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix=".optimize-", dir=output) as staging:
-        staged = Path(staging) / path.name
-        openvino.save_model(quantized, str(staged), compress_to_fp16=False)
-        metadata = {**source.metadata, "precision": "int8", "quantization": quantization}
-        metadata_path(staged).write_text(json.dumps(metadata, indent=2) + "\n")
-        for file in sorted(Path(staging).iterdir(), key=lambda p: p.suffix == ".json"):
-            file.replace(output / file.name)
-    size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
-    return Optimized(path, calibrated, float_map, int8_map, size)
-
-
-def _subset(roots: Sequence[Path], subset: str, source: ExportedModel) -> CocoSubset:
-    data = load_coco_roots(roots, subset)
-    if data.class_names != source.class_names:
-        raise DataError(
-            f"'{data.annotation_file}' has classes {data.class_names}, but the model "
-            f"'{source.path}' was trained on {source.class_names}"
-        )
-    return data
+    path = publish(
+        output / "model_int8.xml",
+        lambda staged: openvino.save_model(quantized, str(staged), compress_to_fp16=False),
+        {**source.metadata, "precision": "int8", "quantization": quantization},
+    )  # fmt: skip
+    return Optimized(path, calibrated, float_map, int8_map, model_size(path))
 
 
 def _items(data: CocoSubset, input_size: int) -> list[dict]:
