@@ -17,8 +17,10 @@ box. Pasting those into the image and thresholding at 0.5 is the post-processing
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
@@ -45,6 +47,17 @@ class InferenceGraph(nn.Module):
         return boxes, detections["labels"], detections["scores"], detections["masks"]
 
 
+def _batched_nms_without_branch(boxes, scores, idxs, iou_threshold):
+    """torchvision's batched_nms (boxes of each class offset apart, one NMS) as straight-line
+    ops. torchvision's own guards the empty case with a scripted `if`, which becomes an ONNX
+    If; OpenVINO's CPU plugin returns one uninitialised detection from that If's empty
+    branch. Here the offset's maximum includes a 0, so no input is ever empty, and NMS
+    over no boxes keeps none."""
+    max_coordinate = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+    boxes_for_nms = boxes + (idxs.to(boxes) * (max_coordinate + 1))[:, None]
+    return torchvision.ops.nms(boxes_for_nms, scores, iou_threshold)
+
+
 def export_onnx(model: GeneralizedRCNN, input_size: int, path) -> None:
     """Traces the model (TorchScript-based exporter: the detection heads' data-dependent
     shapes are what it handles) to ONNX with dynamic height, width and detection count."""
@@ -52,7 +65,8 @@ def export_onnx(model: GeneralizedRCNN, input_size: int, path) -> None:
     example = torch.zeros((3, input_size, input_size), dtype=torch.uint8)
     example_size = torch.tensor([input_size, input_size], dtype=torch.int64)
     dynamic = {"image": {1: "height", 2: "width"}} | {name: {0: "detections"} for name in OUTPUTS}
-    with torch.no_grad(), warnings.catch_warnings():
+    without_branch = mock.patch("torchvision.ops.boxes.batched_nms", _batched_nms_without_branch)
+    with torch.no_grad(), warnings.catch_warnings(), without_branch:
         # the tracer's notes on the detection heads' Python arithmetic: the graph is checked
         # against PyTorch by tests/test_export.py instead
         warnings.simplefilter("ignore")

@@ -2,11 +2,14 @@
 calibration subset of the train set, with accuracy control: segm mAP on the validation set
 may be at most `max_drop` below the float model's.
 
-Control is by stages (RESTORE_STAGES): first the convolutions and matrix products are
-quantized; when the drop is too large, the heads' matrix products go back to float; when it
-is still too large, nothing is written and the error says what INT8 cost. (NNCF's own
-quantize_with_accuracy_control was tried first: its quantized model returned invalid class
-indices on images with one detection, which its per-layer ranking cannot handle.)"""
+What stays float at every stage: the element-wise and comparison ops (FLOAT_OPS), the mask
+head (MASK_HEAD: it runs on the detections, which calibration images without any leave
+empty, so its activation ranges cannot be measured), and the transposed convolution of the
+mask predictor. Control is by stages (RESTORE_STAGES): first the backbone, FPN, RPN head and
+box head are quantized; when the drop is too large, the RPN and RoI heads go back to float;
+when it is still too large, nothing is written and the error says what INT8 cost. (NNCF's
+own quantize_with_accuracy_control was tried first: its per-layer ranking could not undo the
+mask head's broken ranges.)"""
 
 from __future__ import annotations
 
@@ -27,24 +30,25 @@ from instseg_trainer.evaluation.evaluator import coco_results_of, score
 from instseg_trainer.evaluation.inference import load_for_model
 from instseg_trainer.export.exporter import model_size, publish
 from instseg_trainer.export.graph import INPUTS, OUTPUTS
-from instseg_trainer.export.runtime import ExportedModel, detections
+from instseg_trainer.export.runtime import ExportedModel, detections, openvino_config
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 300
-# quantized: the convolutions and matrix products (the compute). Kept float: element-wise and
-# comparison ops, which in the detection heads compute box coordinates, class indices and
-# NMS inputs: quantized, they turn class indices into garbage
+# kept float: element-wise and comparison ops, which in the detection heads compute box
+# coordinates, class indices and NMS inputs, and the mask predictor's transposed convolution
 FLOAT_OPS = (
     "Add", "Subtract", "Multiply", "Divide", "Power", "Maximum", "Minimum", "Less", "Greater",
     "LessEqual", "GreaterEqual", "Equal", "NotEqual", "ReduceMean", "ReduceMax", "Interpolate",
     "Sqrt", "Exp", "Log", "Floor", "Ceiling", "Clamp", "Sigmoid", "Softmax", "TopK",
     "NonMaxSuppression", "ROIAlign", "Concat", "Gather", "GatherND", "ScatterUpdate",
-    "ScatterNDUpdate", "Select",
+    "ScatterNDUpdate", "Select", "ConvolutionBackpropData",
 )  # fmt: skip
-# what stays float at each stage of accuracy control: then also the heads' fully connected
-# layers (box head, predictors)
-RESTORE_STAGES = (FLOAT_OPS, (*FLOAT_OPS, "MatMul"))
+# node names (regular expressions) of the layers kept float at each stage; the names are the
+# module paths that graph.export_onnx gives the ONNX nodes
+MASK_HEAD = ("/roi_heads/mask_head/.*", "/roi_heads/mask_predictor/.*")
+HEADS = ("/rpn/.*", "/roi_heads/.*")
+RESTORE_STAGES = (MASK_HEAD, HEADS)
 MAX_DROP = 0.01  # segm mAP, absolute: one AP point
 
 
@@ -90,14 +94,17 @@ def optimize_model(
 
     core = openvino.Core()
     model = core.read_model(str(source.path))
-    float_map = segm_map(core.compile_model(model, "CPU"), validation.get_data())
+    in_f32 = openvino_config("fp32")  # the float model and the INT8 model's float layers
+    float_map = segm_map(core.compile_model(model, "CPU", in_f32), validation.get_data())
     calibrated = min(subset_size, len(train.records))
-    for stage, kept_float in enumerate(RESTORE_STAGES, start=1):
+    for stage, float_layers in enumerate(RESTORE_STAGES, start=1):
+        kept_float = nncf.IgnoredScope(
+            patterns=list(float_layers), types=list(FLOAT_OPS), validate=False
+        )
         quantized = nncf.quantize(
-            model, calibration, subset_size=calibrated,
-            ignored_scope=nncf.IgnoredScope(types=list(kept_float), validate=False),
-        )  # fmt: skip
-        int8_map = segm_map(core.compile_model(quantized, "CPU"), validation.get_data())
+            model, calibration, subset_size=calibrated, ignored_scope=kept_float
+        )
+        int8_map = segm_map(core.compile_model(quantized, "CPU", in_f32), validation.get_data())
         log.info("INT8 stage %d: val segm mAP %.4f (fp32 %.4f)", stage, int8_map, float_map)
         if float_map - int8_map <= max_drop:
             break
