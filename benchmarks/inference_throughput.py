@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from instseg_trainer.cli import main as instseg  # noqa: E402
-from instseg_trainer.data.coco import load_coco_roots  # noqa: E402
+from instseg_trainer.data.roots import load_roots  # noqa: E402
 from instseg_trainer.evaluation.inference import load_model  # noqa: E402
 from instseg_trainer.sample_data import write_sample_dataset  # noqa: E402
 
@@ -88,7 +88,7 @@ def export_all(weights: Path, data: Path, exported: Path) -> dict[str, Path]:
 def median_latency(model_path: Path, data: Path, images: int, runs: int) -> float:
     """Seconds per image: graph and post-processing, images decoded beforehand."""
     model = load_model(model_path, "cpu")
-    records = load_coco_roots([data], "val").records[:images]
+    records = load_roots([data], "val").records[:images]
     batches = list(model.loader(records, 1, 0))
     for _ in model.predict(batches):  # warm-up pass
         pass

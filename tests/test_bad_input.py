@@ -44,7 +44,8 @@ def test_missing_root(capsys, tmp_path: Path) -> None:
 def test_root_without_annotations(capsys, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     err = _train(capsys, tmp_path / "empty", tmp_path / "empty")
-    assert "annotations/instances_*.json" in err
+    assert str(tmp_path / "empty") in err  # the root, and the formats tried
+    assert "annotations/instances_*.json" in err and "voc_instance_segmentation" in err
 
 
 def test_truncated_json_names_file_line_and_column(capsys, dataset_copy: Path) -> None:

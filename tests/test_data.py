@@ -10,8 +10,9 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from instseg_trainer.data.coco import CocoSubset, load_coco_roots, load_coco_subset
+from instseg_trainer.data.coco import CocoSubset, load_coco_subset
 from instseg_trainer.data.dataset import InstanceSegDataset
+from instseg_trainer.data.roots import load_roots
 from instseg_trainer.data.sampler import EpochSampler
 from instseg_trainer.data.transforms import fitted_size, transform_instances
 from instseg_trainer.errors import DataError
@@ -68,7 +69,7 @@ def test_several_roots_are_one_subset_with_unique_ids(
     sample_root: Path, second_root: Path, monkeypatch
 ) -> None:
     monkeypatch.chdir(second_root.parent)
-    merged = load_coco_roots([sample_root, Path("second")], "train")  # a relative root too
+    merged = load_roots([sample_root, Path("second")], "train")  # a relative root too
     first, second = load_coco_subset(sample_root, "train"), load_coco_subset(second_root, "train")
     assert merged.annotation_files == (first.annotation_file, Path("second", *ANNOTATIONS))
     assert (merged.class_names, merged.category_ids) == (first.class_names, first.category_ids)
@@ -108,7 +109,7 @@ def _as_loaded(subset: CocoSubset) -> tuple:
 
 
 def test_one_root_is_loaded_as_before(sample_root: Path) -> None:
-    one = load_coco_roots([sample_root], "val")
+    one = load_roots([sample_root], "val")
     assert _as_loaded(one) == _as_loaded(load_coco_subset(sample_root, "val"))
 
 
@@ -120,7 +121,7 @@ def test_roots_with_other_categories_are_refused_naming_both(
     coco["categories"][0]["name"] = "ellipse"
     path.write_text(json.dumps(coco))
     with pytest.raises(DataError) as refused:
-        load_coco_roots([sample_root, second_root], "train")
+        load_roots([sample_root, second_root], "train")
     message = str(refused.value)
     assert str(sample_root.joinpath(*ANNOTATIONS)) in message
     assert str(path) in message
@@ -129,7 +130,7 @@ def test_roots_with_other_categories_are_refused_naming_both(
 
 def test_a_root_given_twice_is_refused(sample_root: Path) -> None:
     with pytest.raises(DataError, match="more than once"):
-        load_coco_roots([sample_root, sample_root / ".." / sample_root.name], "train")
+        load_roots([sample_root, sample_root / ".." / sample_root.name], "train")
 
 
 def _rles(segmentation, h: int, w: int) -> list:

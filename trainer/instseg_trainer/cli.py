@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -15,6 +16,9 @@ from instseg_contract import EXIT_USER_ERROR
 from instseg_trainer import __version__
 from instseg_trainer.errors import InstsegError
 from instseg_trainer.logs import configure_logging, log_failure, logs_json
+
+# `instseg sample-data --format`: COCO, and instance formats Datumaro writes and reads back
+SAMPLE_FORMATS = ("coco", "voc_instance_segmentation", "cityscapes", "label_me", "cvat", "datumaro")
 
 
 def _positive_int(text: str) -> int:
@@ -39,15 +43,16 @@ def _paths(text: str) -> list[Path]:
     return paths
 
 
-def _add_roots_arg(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+def _add_roots_arg(p: argparse.ArgumentParser, flag: str, what: str, required: bool = True) -> None:
     p.add_argument(
         flag,
-        required=True,
+        required=required,
         type=_paths,
         action="extend",
         metavar="ROOT[,ROOT...]",
-        help=f"COCO root(s) {what}; several (comma-separated, or the flag repeated) are merged "
-        "and must declare the same categories",
+        help=f"dataset root(s) {what}: COCO (any layout, or its .json) or any format Datumaro "
+        "detects; several (comma-separated, or the flag repeated) are merged and must declare "
+        "the same categories",
     )
 
 
@@ -123,7 +128,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("template", help="template name or OTX id (see `instseg templates`)")
     _add_roots_arg(p, "--train-data-roots", "for training (subset train)")
-    _add_roots_arg(p, "--val-data-roots", "for validation (subset val)")
+    _add_roots_arg(
+        p,
+        "--val-data-roots",
+        "for validation (subset val; default: 20%% of train, fixed seed)",
+        required=False,
+    )
     p.add_argument("--output", type=Path, default=Path("outputs"), help="default: ./outputs")
     p.add_argument("--epochs", type=_positive_int, help="override the template's epochs")
     p.add_argument("--batch-size", type=_positive_int, help="images per GPU/process and step")
@@ -267,9 +277,10 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
 def _add_sample_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample-data",
-        help="write the synthetic COCO sample dataset",
+        help="write the synthetic sample dataset (COCO, or another instance format)",
         description="Write a small deterministic synthetic COCO dataset (filled shapes on a "
-        "noisy background; polygon, RLE and crowd annotations) with subsets train and val.",
+        "noisy background; polygon, RLE and crowd annotations) with subsets train and val; "
+        "with --format, the same images and instances (as masks) in another format.",
     )
     p.add_argument("directory", type=Path, help="the dataset root to write")
     p.add_argument(
@@ -281,6 +292,10 @@ def _add_sample_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)"
     )
+    p.add_argument(
+        "--format", default="coco", choices=SAMPLE_FORMATS,
+        help="the dataset's format (default: coco; the others through Datumaro)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_sample_data)
 
 
@@ -460,9 +475,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from instseg_trainer.sample_data import write_sample_dataset
 
-    summary = write_sample_dataset(
-        args.directory, num_train=args.train_images, num_val=args.val_images, seed=args.seed
-    )
+    with tempfile.TemporaryDirectory(prefix="instseg-sample-") as staging:
+        coco = args.directory if args.format == "coco" else Path(staging)
+        summary = write_sample_dataset(
+            coco, num_train=args.train_images, num_val=args.val_images, seed=args.seed
+        )
+        if args.format != "coco":
+            from instseg_trainer.data.formats import export_coco_as
+
+            export_coco_as(coco, args.directory, args.format)
     for subset in ("train", "val"):
         s = summary[subset]
         print(

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from datumaro.components.annotation import AnnotationType, Bbox, Polygon, RleMask
 from datumaro.components.contexts.importer import ImportErrorPolicy
 from datumaro.components.dataset import Dataset
+from datumaro.plugins.data_formats.coco.base import CocoImporterType
 from PIL import Image, UnidentifiedImageError
 
 from instseg_trainer.errors import DataError
@@ -93,35 +94,96 @@ class _SkippingErrorPolicy(ImportErrorPolicy):
         self.problems.append(f"annotation {error.item_id[0]}: {error.__cause__}")
 
 
-def annotation_file(root: Path, subset: str | None) -> Path:
-    """The `annotations/instances_<subset>.json` of a dataset root.
+@dataclass(frozen=True)
+class CocoLayout:
+    """Where a COCO root keeps its annotation file and its images. The layouts read:
+    - ours and CVAT's: annotations/instances_<subset>.json + images/<subset>/ (or images/);
+    - the official COCO 2017 one: annotations/instances_train2017.json + train2017/;
+    - one COCO file beside its images (labelme2coco, CVAT's single-file export):
+      annotations.json + JPEGImages/, given as the root folder or as the file itself.
+    `images` is the folder the file's `file_name` entries are relative to; None for a single
+    file until its entries are read (single_file_images)."""
 
-    A root with a single annotation file uses it whatever its name; with `subset` None,
-    "test" then "val" is preferred.
-    """
+    annotation_file: Path
+    subset: str
+    images: Path | None
+
+
+def find_coco_layout(root: Path, subset: str | None) -> CocoLayout | None:
+    """The COCO layout of `root` for `subset` (None: test, then val, or the only one); None
+    when `root` is no COCO dataset (it may be in another Datumaro format)."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"dataset root '{root}' does not exist")
-    if not root.is_dir():
-        raise DataError(f"dataset root '{root}' is not a directory (expected a COCO root)")
+    if root.is_file():
+        if root.suffix != ".json":
+            raise DataError(
+                f"dataset root '{root}' is a file but not a COCO .json; give a dataset folder "
+                f"or its COCO annotation file"
+            )
+        return CocoLayout(root, root.stem, None)
     ann_dir = root / "annotations"
     files = sorted(ann_dir.glob(ANNOTATION_GLOB)) if ann_dir.is_dir() else []
-    if not files:
+    if files:
+        path = _pick_annotation_file(root, files, subset)
+        name = _subset_name(path)
+        for images in (root / "images" / name, root / name, root / "images"):
+            if images.is_dir():
+                return CocoLayout(path, name, images)
         raise DataError(
-            f"dataset root '{root}' has no annotations/{ANNOTATION_GLOB}; expected the COCO layout "
-            f"<root>/annotations/instances_<subset>.json and <root>/images/<subset>/"
+            f"dataset root '{root}' has '{path}' but no folder of its images: expected "
+            f"'{root / 'images' / name}', '{root / name}' (COCO 2017) or '{root / 'images'}'"
         )
+    singles = sorted(p for p in root.glob("*.json") if _looks_like_coco(p))
+    if len(singles) > 1:
+        names = ", ".join(p.name for p in singles)
+        raise DataError(
+            f"dataset root '{root}' holds several COCO files ({names}); give the one to use "
+            f"as the root (e.g. '{singles[0]}')"
+        )
+    return CocoLayout(singles[0], singles[0].stem, None) if singles else None
+
+
+def _pick_annotation_file(root: Path, files: list[Path], subset: str | None) -> Path:
+    """The file of `subset`: instances_<subset>.json, else the one whose subset name starts
+    with it (train → instances_train2017.json); a single file serves every subset."""
     if len(files) == 1:
         return files[0]
     for name in [subset] if subset else ["test", "val"]:
-        wanted = ann_dir / f"instances_{name}.json"
-        if wanted in files:
-            return wanted
+        exact = [f for f in files if _subset_name(f) == name]
+        prefixed = [f for f in files if _subset_name(f).startswith(name)]
+        if len(exact or prefixed) == 1:
+            return (exact or prefixed)[0]
     names = ", ".join(_subset_name(f) for f in files)
     raise DataError(
-        f"dataset root '{root}' has several subsets ({names}) and none named "
-        f"'{subset or 'test/val'}'; pass --subset NAME or a root that holds only one subset"
+        f"dataset root '{root}' has several subsets ({names}) and not one named "
+        f"'{subset or 'test/val'}' or starting with it; give a root or an annotation file per "
+        f"subset (eval and predict also take --subset NAME)"
     )
+
+
+def _looks_like_coco(path: Path) -> bool:
+    """Whether a .json file is a COCO file (its start names a COCO key), without parsing it:
+    LabelMe's per-image .json files lie beside images too."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return any(f'"{key}"' in head for key in ("images", "annotations", "categories"))
+
+
+def single_file_images(path: Path, data: dict) -> Path:
+    """The folder a single COCO file's `file_name` entries are relative to: the file's own
+    folder, or the one of its sub-folders (JPEGImages/, images/, ...) that holds the first
+    images."""
+    names = [img["file_name"] for img in data["images"][:5]
+             if isinstance(img, dict) and isinstance(img.get("file_name"), str)]  # fmt: skip
+    base = path.parent
+    for folder in [base, *sorted(p for p in base.iterdir() if p.is_dir())]:
+        if names and all((folder / name).is_file() for name in names):
+            return folder
+    return base  # _records names the images it misses there
 
 
 def _subset_name(path: Path) -> str:
@@ -174,11 +236,22 @@ def _categories(path: Path, data: dict) -> tuple[list[int], list[str]]:
 
 
 def load_coco_subset(root: Path, subset: str | None) -> CocoSubset:
-    """Imports one subset of a COCO root; bad annotations are skipped, counted and logged."""
-    path = annotation_file(Path(root), subset)
+    """Imports one subset of a COCO root (any CocoLayout)."""
+    layout = find_coco_layout(Path(root), subset)
+    if layout is None:
+        raise DataError(
+            f"dataset root '{root}' has no annotations/{ANNOTATION_GLOB} and no COCO .json; "
+            f"expected <root>/annotations/instances_<subset>.json with <root>/images/<subset>/"
+        )
+    return load_coco_layout(layout)
+
+
+def load_coco_layout(layout: CocoLayout) -> CocoSubset:
+    """Imports a COCO file with Datumaro; bad annotations are skipped, counted and logged."""
+    path = layout.annotation_file
     data = _read_json(path)
     category_ids, class_names = _categories(path, data)
-    name = _subset_name(path)
+    images = layout.images or single_file_images(path, data)
     skipped: Counter = Counter()
     problems: list[str] = []
 
@@ -189,23 +262,13 @@ def load_coco_subset(root: Path, subset: str | None) -> CocoSubset:
             problems.append(f"annotation {ann.get('id')}: image_id {ann.get('image_id')} unknown")
 
     policy = _SkippingErrorPolicy()
-    try:
-        dataset = Dataset.import_from(str(path), "coco_instances", error_policy=policy)
-    except Exception as e:  # Datumaro raises many types; the message is what the user needs
-        raise DataError(f"annotation file '{path}': Datumaro could not import it: {e}") from e
-    for problem in policy.problems:
-        skipped[_reason(problem)] += 1
-    problems.extend(policy.problems)
-
-    labels = dataset.categories()[AnnotationType.label]
-    imported_names = [label.name for label in labels]
-    if imported_names != class_names:
-        raise DataError(
-            f"annotation file '{path}': Datumaro read the categories as {imported_names}, "
-            f"the file declares {class_names}; check 'categories' for duplicate names or ids"
-        )
-
-    records = _records(dataset, path, Path(root) / "images" / name, skipped, problems)
+    with tempfile.TemporaryDirectory(prefix="instseg-coco-") as staging:
+        dataset = _import_staged(path, images, Path(staging), policy)
+        for problem in policy.problems:
+            skipped[_reason(problem)] += 1
+        problems.extend(policy.problems)
+        _check_imported_categories(path, dataset, class_names)
+        records = _records(dataset, path, images, Path(staging) / "images", skipped, problems)
     records.sort(key=lambda r: r.image_id)
     if not records:
         raise DataError(
@@ -220,29 +283,63 @@ def load_coco_subset(root: Path, subset: str | None) -> CocoSubset:
             ", ".join(f"{n} {reason}" for reason, n in skipped.items()),
             "; ".join(problems[:3]),
         )
-    return CocoSubset(name, (path,), records, class_names, category_ids, data, skipped)
+    return CocoSubset(layout.subset, (path,), records, class_names, category_ids, data, skipped)
+
+
+def _import_staged(path: Path, images: Path, staging: Path, policy) -> Dataset:
+    """Datumaro's COCO import of `path` with its images in `images`, whatever the layout: the
+    file and the folder are linked into `staging` as the COCO 2017 layout Datumaro reads
+    (annotations/instances_images.json + images/), and loaded there."""
+    (staging / "annotations").mkdir()
+    (staging / "annotations" / "instances_images.json").symlink_to(path.absolute())
+    (staging / "images").symlink_to(images.absolute(), target_is_directory=True)
+    try:
+        dataset = Dataset.import_from(
+            str(staging / "annotations" / "instances_images.json"), "coco_instances",
+            coco_importer_type=CocoImporterType.mmdet, error_policy=policy,
+        )  # fmt: skip
+        dataset.init_cache()  # read every item while the links exist
+    except Exception as e:  # Datumaro raises many types; the message is what the user needs
+        raise DataError(f"annotation file '{path}': Datumaro could not import it: {e}") from e
+    return dataset
+
+
+def _check_imported_categories(path: Path, dataset: Dataset, class_names: list[str]) -> None:
+    imported_names = [label.name for label in dataset.categories()[AnnotationType.label]]
+    if imported_names != class_names:
+        raise DataError(
+            f"annotation file '{path}': Datumaro read the categories as {imported_names}, "
+            f"the file declares {class_names}; check 'categories' for duplicate names or ids"
+        )
 
 
 def _records(
-    dataset: Dataset, path: Path, images: Path, skipped: Counter, problems: list[str]
+    dataset: Dataset,
+    path: Path,
+    images: Path,
+    staged: Path,
+    skipped: Counter,
+    problems: list[str],
 ) -> list[ImageRecord]:
-    """The imported items as records; an error naming the images that are missing or whose
-    size differs from the annotation file's."""
+    """The imported items as records, their image paths under `images` (Datumaro saw them
+    under `staged`); an error naming the images that are missing or whose size differs from
+    the annotation file's."""
     records = []
     missing: list[str] = []
     wrong_size: list[str] = []
     for item in dataset:
-        size = image_size(Path(item.media.path))  # (height, width) from the file header
+        image = images / Path(item.media.path).relative_to(staged)
+        size = image_size(image)  # (height, width) from the file header
         if size is None:
-            missing.append(item.media.path)
+            missing.append(str(image))
             continue
         if item.media.size is not None and tuple(item.media.size) != size:
             wrong_size.append(
-                f"image id {item.attributes.get('id')} '{item.media.path}' is "
+                f"image id {item.attributes.get('id')} '{image}' is "
                 f"{size[1]}x{size[0]}, the file says {item.media.size[1]}x{item.media.size[0]}"
             )
             continue
-        records.append(_to_record(item, size, skipped, problems))
+        records.append(_to_record(item, image, size, skipped, problems))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(
@@ -255,80 +352,6 @@ def _records(
             f"'width'/'height': {'; '.join(wrong_size[:3])}; fix the annotation file"
         )
     return records
-
-
-def load_coco_roots(roots: Sequence[Path], subset: str | None) -> CocoSubset:
-    """One subset of several COCO roots as one dataset (`--train-data-roots a,b`).
-
-    Every root must declare the same categories. Image and annotation ids are renumbered
-    from 1 across the roots, so that they stay unique, and image paths are made absolute.
-    With one root this is `load_coco_subset`.
-    """
-    roots = [Path(root) for root in roots]
-    if not roots:
-        raise DataError("no dataset root given; pass at least one COCO root")
-    resolved = [root.resolve() for root in roots]
-    repeated = sorted({str(r) for r, key in zip(roots, resolved) if resolved.count(key) > 1})
-    if repeated:
-        raise DataError(f"dataset root(s) {', '.join(repeated)} given more than once")
-    parts = [load_coco_subset(root, subset) for root in roots]
-    if len(parts) == 1:
-        return parts[0]
-    for part in parts[1:]:
-        _check_same_categories(parts[0], part)
-    return _merge(parts)
-
-
-def _check_same_categories(first: CocoSubset, other: CocoSubset) -> None:
-    ours = list(zip(first.category_ids, first.class_names))
-    theirs = list(zip(other.category_ids, other.class_names))
-    if ours != theirs:
-        raise DataError(
-            f"annotation files '{first.annotation_file}' and '{other.annotation_file}' declare "
-            f"different categories (id, name): only in the first "
-            f"{[c for c in ours if c not in theirs]}, only in the second "
-            f"{[c for c in theirs if c not in ours]}; roots of one subset must declare the same"
-        )
-
-
-def _merge(parts: list[CocoSubset]) -> CocoSubset:
-    images: list[dict] = []
-    annotations: list[dict] = []
-    records: list[ImageRecord] = []
-    for part in parts:
-        raw_images = {i["id"]: i for i in part.raw["images"] if isinstance(i, dict) and "id" in i}
-        raw_annotations = {
-            a["id"]: a for a in part.raw["annotations"] if isinstance(a, dict) and "id" in a
-        }
-        for record in part.records:
-            image_id = len(images) + 1
-            instances = []
-            for instance in record.instances:
-                annotations.append(
-                    {
-                        **raw_annotations[instance.annotation_id],
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                    }
-                )
-                instances.append(replace(instance, annotation_id=len(annotations)))
-            path = record.path.absolute()
-            images.append({**raw_images[record.image_id], "id": image_id, "file_name": str(path)})
-            records.append(
-                replace(record, image_id=image_id, path=path, instances=tuple(instances))
-            )
-    first = parts[0]
-    names = list(dict.fromkeys(part.name for part in parts))
-    raw = {"images": images, "annotations": annotations, "categories": first.raw["categories"]}
-    return CocoSubset(
-        "+".join(names),
-        tuple(path for part in parts for path in part.annotation_files),
-        records,
-        first.class_names,
-        first.category_ids,
-        raw,
-        sum((part.skipped for part in parts), Counter()),
-    )
 
 
 def _reason(problem: str) -> str:
@@ -348,7 +371,9 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def _to_record(item, size: tuple[int, int], skipped: Counter, problems: list[str]) -> ImageRecord:
+def _to_record(
+    item, path: Path, size: tuple[int, int], skipped: Counter, problems: list[str]
+) -> ImageRecord:
     height, width = size
     groups: dict[int, dict] = {}
     for ann in item.annotations:
@@ -393,7 +418,7 @@ def _to_record(item, size: tuple[int, int], skipped: Counter, problems: list[str
         )
     return ImageRecord(
         image_id=int(item.attributes.get("id", 0)),
-        path=Path(item.media.path),
+        path=path,
         width=int(width),
         height=int(height),
         instances=tuple(instances),

@@ -20,8 +20,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from instseg_trainer.data.coco import CocoSubset, ImageRecord, load_coco_roots
+from instseg_trainer.data.coco import CocoSubset, ImageRecord
 from instseg_trainer.data.dataset import InstanceSegDataset, collate
+from instseg_trainer.data.roots import load_train_val
 from instseg_trainer.data.sampler import EpochSampler, aspect_groups
 from instseg_trainer.engine.checkpoint import (
     BEST,
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     template: Template
     train_roots: list[Path] | Path  # one root, or several of the same classes (merged)
-    val_roots: list[Path] | Path
+    val_roots: list[Path] | Path  # none: a fixed split of train (data.roots)
     output: Path
     device: str = "auto"
     num_workers: int = 2
@@ -61,7 +62,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("train_roots", "val_roots"):
             roots = getattr(self, name)
-            setattr(self, name, [Path(roots)] if isinstance(roots, (str, Path)) else roots)
+            setattr(self, name, [Path(roots)] if isinstance(roots, (str, Path)) else roots or [])
 
 
 @dataclass
@@ -227,9 +228,9 @@ def check_output_dir(output: Path) -> Path:
 
 
 def load_datasets(train_roots: list[Path], val_roots: list[Path]) -> tuple[CocoSubset, CocoSubset]:
-    """The train and val subsets, checked to describe the same classes."""
-    train = load_coco_roots(train_roots, "train")
-    val = load_coco_roots(val_roots, "val")
+    """The train and val subsets, checked to describe the same classes; without val roots,
+    val is a fixed split of train."""
+    train, val = load_train_val(train_roots, val_roots)
     if not any(inst for r in train.records for inst in r.instances if not inst.crowd):
         raise DataError(
             f"train set {_files(train)} has no usable objects to learn from "

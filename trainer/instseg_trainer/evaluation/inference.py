@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from instseg_trainer.data.coco import CocoSubset, ImageRecord, image_size, load_coco_roots
+from instseg_trainer.data.coco import CocoSubset, ImageRecord, image_size
 from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
+from instseg_trainer.data.roots import load_roots
 from instseg_trainer.engine.checkpoint import load_checkpoint
 from instseg_trainer.engine.distributed import (
     Distributed,
@@ -88,8 +89,11 @@ def load_model(path: Path, device: str = "auto") -> TrainedModel | ExportedModel
 def load_for_model(
     roots: Sequence[Path], subset: str | None, model: TrainedModel | ExportedModel
 ) -> CocoSubset:
-    """A COCO subset to run `model` on, which must have the model's classes."""
-    data = load_coco_roots(roots, subset)
+    """A subset to run `model` on, which must have the model's classes."""
+    return check_classes(load_roots(roots, subset), model)
+
+
+def check_classes(data: CocoSubset, model: TrainedModel | ExportedModel) -> CocoSubset:
     if data.class_names != model.class_names:
         raise DataError(
             f"'{data.annotation_file}' has classes {data.class_names}, but the model "
@@ -111,11 +115,21 @@ def evaluate_dataset(
     batch_size: int | None = None,
     workers: int = 2,
 ) -> dict:
-    """Scores the model on a COCO subset of one root or several (merged); writes metrics.json,
-    predictions.json (COCO results, RLE masks) and ground_truth.json (what was scored). With
-    one root, image ids are the dataset's own; with several, renumbered as ground_truth.json
-    says."""
+    """Scores the model on a subset of one root or several (merged): evaluate_subset."""
     data = load_for_model(roots, subset, trained)
+    return evaluate_subset(trained, data, output, batch_size, workers)
+
+
+def evaluate_subset(
+    trained: TrainedModel | ExportedModel,
+    data: CocoSubset,
+    output: Path,
+    batch_size: int | None = None,
+    workers: int = 2,
+) -> dict:
+    """Scores the model on a loaded subset; writes metrics.json, predictions.json (COCO
+    results, RLE masks) and ground_truth.json (what was scored). From one COCO root, image ids
+    are the dataset's own; otherwise renumbered as ground_truth.json says."""
     single = Distributed(0, 1, 0, trained.device)
     detections = trained.predict(trained.loader(data.records, batch_size, workers))
     results = coco_results_of(detections, data.category_ids, single)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from instseg_contract import EXPORT_DIRECTORY
 
-from instseg_trainer.evaluation.inference import evaluate_dataset, load_model
+from instseg_trainer.data.coco import CocoSubset
+from instseg_trainer.data.roots import load_train_val
+from instseg_trainer.evaluation.inference import evaluate_subset, load_model
 from instseg_trainer.export.exporter import export_model
 from instseg_trainer.export.optimize import optimize_model
 
@@ -37,13 +39,14 @@ def export_after_training(
             export_model(best, "openvino", "fp32", directory)
         int8 = optimize_model(fp32, train_roots, val_roots, directory)
         models.append(("openvino", "int8", int8.model, int8.size_bytes))
-    return [_artifact(fmt, precision, path, size, val_roots) for fmt, precision, path, size
+    _, val = load_train_val(train_roots, val_roots)  # what the training validated on
+    return [_artifact(fmt, precision, path, size, val) for fmt, precision, path, size
             in models]  # fmt: skip
 
 
-def _artifact(fmt: str, precision: str, path: Path, size: int, val_roots) -> dict:
+def _artifact(fmt: str, precision: str, path: Path, size: int, val: CocoSubset) -> dict:
     scores = path.parent / f"eval-{path.name}"
-    metrics = evaluate_dataset(load_model(path, "cpu"), val_roots, scores, "val", 1, 0)
+    metrics = evaluate_subset(load_model(path, "cpu"), val, scores, 1, 0)
     log.info("exported %s %s: %s, val segm mAP %.4f", fmt, precision, path,
              metrics["segm"]["map"])  # fmt: skip
     return {

@@ -23,11 +23,12 @@ import torch
 
 from instseg_trainer.data.coco import CocoSubset
 from instseg_trainer.data.dataset import InstanceSegDataset
+from instseg_trainer.data.roots import load_train_val
 from instseg_trainer.engine.distributed import Distributed
 from instseg_trainer.engine.run import check_output_dir
 from instseg_trainer.errors import InstsegError
 from instseg_trainer.evaluation.evaluator import coco_results_of, score
-from instseg_trainer.evaluation.inference import load_for_model
+from instseg_trainer.evaluation.inference import check_classes
 from instseg_trainer.export.exporter import model_size, publish
 from instseg_trainer.export.graph import INPUTS, OUTPUTS
 from instseg_trainer.export.runtime import ExportedModel, detections, openvino_config
@@ -83,8 +84,7 @@ def optimize_model(
             f"--format openvino --precision fp32`"
         )
     output = check_output_dir(output)
-    train = load_for_model(train_roots, "train", source)
-    val = load_for_model(val_roots, "val", source)
+    train, val = (check_classes(data, source) for data in load_train_val(train_roots, val_roots))
     calibration = nncf.Dataset(_items(train, source.input_size), _inputs)
     validation = nncf.Dataset(_items(val, source.input_size), _inputs)
     ground_truth = val.ground_truth()
