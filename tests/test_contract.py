@@ -45,8 +45,9 @@ def test_every_hyperparameter_of_the_crd_reaches_the_trainer_as_a_flag_it_parses
     declared = SCHEMA["spec"]["properties"]["hyperparameters"]["properties"]
     assert set(declared) == set(contract.HYPERPARAMETER_FLAGS)
     values = {key: 3 for key in declared} | {"backboneWeights": "none", "learningRate": 0.01}
-    command = trainer_command({"template": "MaskRCNN-ResNet50", "hyperparameters": values},
-                              "job", "service")  # fmt: skip
+    data = {"train": {"claimName": "datasets"}, "val": {"claimName": "datasets"}}
+    spec = {"template": "MaskRCNN-ResNet50", "data": data, "hyperparameters": values}
+    command = trainer_command(spec, "job", "service")
     assert command[0] == contract.TRAINER_SCRIPT
     args = build_parser().parse_args(command[1:])
     assert (args.epochs, args.batch_size, args.learning_rate) == (3, 3, 0.01)

@@ -106,6 +106,16 @@ def test_the_command_is_one_the_trainer_accepts() -> None:
     assert args.train_data_roots == [Path("/data/train")] and args.output == Path("/output")
 
 
+def test_without_val_data_the_trainer_splits_train() -> None:
+    resource = _resource()
+    del resource["spec"]["data"]["val"]
+    jsonschema.Draft4Validator(_schema()).validate(resource)
+    container = _container(build_training_job(resource))
+    args = build_parser().parse_args(container["command"][1:])
+    assert args.train_data_roots == [Path("/data/train")] and args.val_data_roots is None
+    assert "/data/val" not in {m["mountPath"] for m in container["volumeMounts"]}
+
+
 def test_multi_node_is_an_indexed_job_with_torchrun_and_a_headless_service() -> None:
     resource = _resource(workers=2, resources={"gpus": 4})
     job = build_training_job(resource)

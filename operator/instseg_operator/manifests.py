@@ -135,7 +135,7 @@ def trainer_command(spec: dict, job: str, service: str) -> list[str]:
         contract.TRAIN_COMMAND,
         spec["template"],
         contract.TRAIN_DATA_FLAG, f"{DATA_MOUNT}/train",
-        contract.VAL_DATA_FLAG, f"{DATA_MOUNT}/val",
+        *([contract.VAL_DATA_FLAG, f"{DATA_MOUNT}/val"] if spec["data"].get("val") else []),
         contract.OUTPUT_FLAG, OUTPUT_MOUNT,
         contract.DEVICE_FLAG, "auto",
     ]  # fmt: skip
@@ -177,15 +177,18 @@ def _export_flags(export: dict | None) -> list[str]:
 
 
 def _volumes(spec: dict) -> tuple[list[dict], list[dict]]:
-    """PVC volumes (one per distinct claim) and the mounts of train, val and output."""
+    """PVC volumes (one per distinct claim) and the mounts of train, val (when given) and
+    output."""
     places = {
         f"{DATA_MOUNT}/train": (spec["data"]["train"], True),
-        f"{DATA_MOUNT}/val": (spec["data"]["val"], True),
+        f"{DATA_MOUNT}/val": (spec["data"].get("val"), True),
         OUTPUT_MOUNT: (spec["output"], False),
     }
     claims: dict[str, str] = {}
     volumes, mounts = [], []
     for path, (source, read_only) in places.items():
+        if source is None:
+            continue
         claim = source["claimName"]
         if claim not in claims:
             claims[claim] = f"pvc-{len(claims)}"
