@@ -189,3 +189,13 @@ def test_device_without_cuda(capsys, sample_root: Path) -> None:
         pytest.skip("this machine has CUDA")
     err = _train(capsys, sample_root, sample_root, "--device", "cuda")
     assert "no CUDA device" in err
+
+
+def test_an_unknown_recipe_setting_is_refused_with_the_known_ones(
+    capsys, sample_root: Path, tmp_path: Path
+) -> None:
+    err = _train(capsys, sample_root, sample_root, "--set", "hyperparameters.momentom=0.95",
+                 output=tmp_path / "out")  # fmt: skip
+    assert "unknown setting 'hyperparameters.momentom'" in err
+    assert "hyperparameters.momentum" in err and "model.rpn.nms_thresh" in err
+    assert not (tmp_path / "out").exists()  # nothing made

@@ -22,6 +22,7 @@ from instseg_trainer.reporting.events import (
     Validation,
 )
 from instseg_trainer.reporting.kubernetes_status import progress_patch
+from instseg_trainer.templates import all_templates, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = yaml.safe_load((ROOT / "crds" / "instancesegtrainings.yaml").read_text())
@@ -41,10 +42,39 @@ def test_phases_and_conditions_are_the_contracts() -> None:
     assert tuple(c["type"] for c in conditions) == contract.CONDITION_TYPES
 
 
-def test_every_hyperparameter_of_the_crd_reaches_the_trainer_as_a_flag_it_parses() -> None:
-    declared = SCHEMA["spec"]["properties"]["hyperparameters"]["properties"]
-    assert set(declared) == set(contract.HYPERPARAMETER_FLAGS)
-    values = {key: 3 for key in declared} | {"backboneWeights": "none", "learningRate": 0.01}
+def _dotted_properties(schema: dict, prefix: str = "") -> dict[str, dict]:
+    found = {}
+    for key, value in schema["properties"].items():
+        if value.get("type") == "object":
+            found |= _dotted_properties(value, f"{prefix}{key}.")
+        else:
+            found[f"{prefix}{key}"] = value
+    return found
+
+
+def test_every_template_value_is_a_crd_hyperparameter_that_reaches_the_trainer() -> None:
+    declared = _dotted_properties(SCHEMA["spec"]["properties"]["hyperparameters"])
+    assert set(declared) == set(contract.HYPERPARAMETER_FLAGS) | set(contract.TEMPLATE_SETTINGS)
+    flagged = {"input_size"} | {f"hyperparameters.{k}" for k in (
+        "epochs", "batch_size", "learning_rate", "warmup_iterations", "early_stopping_patience",
+        "backbone_weights")}  # fmt: skip
+    for template in all_templates():  # every value, either a flag or a setting
+        reachable = flagged | set(contract.TEMPLATE_SETTINGS.values())
+        assert set(template.settings()) <= reachable, template.name
+    values = {"model": {"rpn": {"nmsThresh": 0.6}, "anchorSizes": [16, 32, 64, 128, 256]},
+              "momentum": 0.95}  # fmt: skip
+    spec = {"template": "MaskRCNN-ResNet50", "data": {"train": {"claimName": "d"}},
+            "hyperparameters": values}  # fmt: skip
+    args = build_parser().parse_args(trainer_command(spec, "job", "service")[1:])
+    template = get_template(args.template).with_settings(dict(args.set))
+    assert template.hyperparameters["momentum"] == 0.95
+    assert template.model["rpn"]["nms_thresh"] == 0.6
+    assert template.model["anchor_sizes"] == [16, 32, 64, 128, 256]
+
+
+def test_the_hyperparameters_with_flags_reach_the_trainer_as_flags_it_parses() -> None:
+    values = {key: 3 for key in contract.HYPERPARAMETER_FLAGS}
+    values |= {"backboneWeights": "none", "learningRate": 0.01}
     data = {"train": {"claimName": "datasets"}, "val": {"claimName": "datasets"}}
     spec = {"template": "MaskRCNN-ResNet50", "data": data, "hyperparameters": values}
     command = trainer_command(spec, "job", "service")

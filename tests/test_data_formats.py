@@ -124,7 +124,7 @@ def test_without_a_val_root_a_fixed_fifth_of_train_validates(
     ]
     again = load_train_val([coco_root], [])[1]
     assert [r.image_id for r in again.records] == [r.image_id for r in val.records]
-    assert "are the val set" in caplog.text
+    assert "the val set is 1 of the 8 train images" in caplog.text
 
 
 def test_a_root_without_instance_masks_is_named_with_the_formats_tried(

@@ -24,13 +24,55 @@ def test_templates_resolve_by_name_and_otx_id() -> None:
 
 
 def test_overrides_are_typed_and_validated() -> None:
-    t = get_template("MaskRCNN-ResNet50").with_overrides(epochs=3, learning_rate="0.02")
+    t = get_template("MaskRCNN-ResNet50").with_overrides(epochs=3, learning_rate=0.02)
     assert t.hyperparameters["epochs"] == 3 and t.hyperparameters["learning_rate"] == 0.02
     assert get_template("MaskRCNN-ResNet50").hyperparameters["epochs"] == 100  # copy, not edit
-    with pytest.raises(TemplateError, match="unknown hyperparameter 'epoch'"):
+    with pytest.raises(TemplateError, match="unknown setting 'hyperparameters.epoch'"):
         get_template("MaskRCNN-ResNet50").with_overrides(epoch=3)
     with pytest.raises(TemplateError, match="batch_size"):
         get_template("MaskRCNN-ResNet50").with_overrides(batch_size=0)
+
+
+def test_every_template_value_can_be_set_by_path_or_unique_ending() -> None:
+    recipe = get_template("MaskRCNN-ConvNeXt")
+    t = recipe.with_settings({
+        "hyperparameters.momentum": 0.95, "rpn.nms_thresh": 0.6, "drop_path_rate": 0,
+        "model.anchor_sizes": [16, 32, 64, 128, 256], "grad_clip_norm": 10,
+    })  # fmt: skip
+    assert t.hyperparameters["momentum"] == 0.95 and t.model["rpn"]["nms_thresh"] == 0.6
+    assert t.model["drop_path_rate"] == 0.0 and t.hyperparameters["grad_clip_norm"] == 10.0
+    assert t.model["anchor_sizes"] == [16, 32, 64, 128, 256]
+    assert recipe.model["rpn"]["nms_thresh"] == 0.7  # the template itself is unchanged
+    assert "model.backbone" not in recipe.settings() and len(recipe.settings()) == 40
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"hyperparameters.momentom": 0.9}, "unknown setting .* known: .*hyperparameters.momentum"),
+        ({"nms_thresh": 0.6}, "ambiguous: model.rpn.nms_thresh, model.roi.nms_thresh"),
+        ({"epochs": 2.5}, "takes a value like 100, got 2.5"),
+        ({"momentum": "high"}, "takes a value like 0.9"),
+        ({"model.roi.nms_thresh": 1.5}, "within \\[0, 1\\]"),
+        ({"model.mask_head.convs": 0}, "must be > 0"),
+        ({"model.anchor_sizes": [32, 64]}, "5 sizes, one per FPN level"),
+        ({"model.backbone": "resnet50"}, "choose another template"),
+    ],
+)
+def test_a_bad_setting_is_refused_naming_it(settings: dict, message: str) -> None:
+    with pytest.raises(TemplateError, match=message):
+        get_template("MaskRCNN-ResNet50").with_settings(settings)
+
+
+def test_model_settings_reach_the_built_model() -> None:
+    template = get_template("MaskRCNN-EfficientNetB2B").with_settings({
+        "model.rpn.nms_thresh": 0.6, "model.roi.detections_per_img": 7,
+        "model.mask_head.convs": 2, "model.aspect_ratios": [1.0],
+    })  # fmt: skip
+    model = build_model(template.model, num_classes=3, input_size=64)
+    assert model.rpn.nms_thresh == 0.6 and model.roi_heads.detections_per_img == 7
+    assert len(model.roi_heads.mask_head) == 2
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [1] * 5
 
 
 @pytest.mark.parametrize(

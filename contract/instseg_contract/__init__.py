@@ -54,6 +54,44 @@ HYPERPARAMETER_FLAGS = {
     "seed": "--seed",
     "backboneWeights": "--backbone-weights",
 }
+# every other value of a template: spec.hyperparameters key (nested objects joined with ".")
+# → the template path `instseg train --set PATH=VALUE` takes
+SET_FLAG = "--set"
+TEMPLATE_SETTINGS = {
+    "momentum": "hyperparameters.momentum",
+    "weightDecay": "hyperparameters.weight_decay",
+    "warmupRatio": "hyperparameters.warmup_ratio",
+    "plateauFactor": "hyperparameters.plateau_factor",
+    "plateauPatience": "hyperparameters.plateau_patience",
+    "minLearningRate": "hyperparameters.min_learning_rate",
+    "gradClipNorm": "hyperparameters.grad_clip_norm",
+    "emaEpochMomentum": "hyperparameters.ema_epoch_momentum",
+    "earlyStoppingStart": "hyperparameters.early_stopping_start",
+    "flipProbability": "hyperparameters.flip_probability",
+    "model.fpnChannels": "model.fpn_channels",
+    "model.anchorSizes": "model.anchor_sizes",
+    "model.aspectRatios": "model.aspect_ratios",
+    "model.dropPathRate": "model.drop_path_rate",  # ConvNeXt only
+    "model.rpn.fgIouThresh": "model.rpn.fg_iou_thresh",
+    "model.rpn.bgIouThresh": "model.rpn.bg_iou_thresh",
+    "model.rpn.batchSizePerImage": "model.rpn.batch_size_per_image",
+    "model.rpn.positiveFraction": "model.rpn.positive_fraction",
+    "model.rpn.preNmsTopNTrain": "model.rpn.pre_nms_top_n_train",
+    "model.rpn.postNmsTopNTrain": "model.rpn.post_nms_top_n_train",
+    "model.rpn.preNmsTopNTest": "model.rpn.pre_nms_top_n_test",
+    "model.rpn.postNmsTopNTest": "model.rpn.post_nms_top_n_test",
+    "model.rpn.nmsThresh": "model.rpn.nms_thresh",
+    "model.roi.fgIouThresh": "model.roi.fg_iou_thresh",
+    "model.roi.bgIouThresh": "model.roi.bg_iou_thresh",
+    "model.roi.batchSizePerImage": "model.roi.batch_size_per_image",
+    "model.roi.positiveFraction": "model.roi.positive_fraction",
+    "model.roi.representationSize": "model.roi.representation_size",
+    "model.roi.scoreThresh": "model.roi.score_thresh",
+    "model.roi.nmsThresh": "model.roi.nms_thresh",
+    "model.roi.detectionsPerImg": "model.roi.detections_per_img",
+    "model.maskHead.channels": "model.mask_head.channels",
+    "model.maskHead.convs": "model.mask_head.convs",
+}
 # spec.export → what the trainer exports after training, into <output>/EXPORT_DIRECTORY
 EXPORT_FLAG = "--export"  # comma-separated formats
 EXPORT_PRECISION_FLAG = "--export-precision"

@@ -143,6 +143,7 @@ def trainer_command(spec: dict, job: str, service: str) -> list[str]:
         value = (spec.get("hyperparameters") or {}).get(key)
         if value is not None:
             train += [flag, str(value)]
+    train += _setting_flags(spec.get("hyperparameters") or {})
     train += _export_flags(spec.get("export"))
     workers = int(spec.get("workers", 1))
     gpus = int((spec.get("resources") or {}).get("gpus", 1))
@@ -174,6 +175,25 @@ def _export_flags(export: dict | None) -> list[str]:
     flags = [contract.EXPORT_FLAG, ",".join(export["formats"])]
     flags += [contract.EXPORT_PRECISION_FLAG, export.get("precision", "fp32")]
     return flags + ([contract.EXPORT_OPTIMIZE_FLAG] if export.get("optimize") else [])
+
+
+def _setting_flags(hyperparameters: dict) -> list[str]:
+    """`--set PATH=VALUE` for every other template value spec.hyperparameters sets (nested
+    objects such as model.rpn by their dotted keys); values as JSON, which the trainer reads."""
+    given = dict(_dotted(hyperparameters))
+    flags = []
+    for key, path in contract.TEMPLATE_SETTINGS.items():
+        if given.get(key) is not None:
+            flags += [contract.SET_FLAG, f"{path}={json.dumps(given[key])}"]
+    return flags
+
+
+def _dotted(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _volumes(spec: dict) -> tuple[list[dict], list[dict]]:

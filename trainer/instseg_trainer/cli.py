@@ -56,6 +56,21 @@ def _add_roots_arg(p: argparse.ArgumentParser, flag: str, what: str, required: b
     )
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """`PATH=VALUE` → (path, value), the value read as YAML (numbers, true/false, lists)."""
+    import yaml
+
+    path, equals, value = text.partition("=")
+    if not equals or not path.strip():
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not PATH=VALUE (e.g. hyperparameters.momentum=0.95)"
+        )
+    try:
+        return path.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"'{text}': the value is not readable: {e}") from e
+
+
 def _formats(text: str) -> list[str]:
     formats = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [f for f in formats if f not in ("onnx", "openvino")]
@@ -141,6 +156,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", type=_positive_int, help="longer image side (multiple of 32)")
     p.add_argument("--warmup-iterations", type=int, help="linear warmup length")
     p.add_argument("--early-stopping-patience", type=int, help="validations without gain; 0=off")
+    p.add_argument(
+        "--set", type=_setting, action="append", metavar="PATH=VALUE",
+        help="any value of the template, by its path (repeatable), e.g. "
+        "hyperparameters.momentum=0.95, model.rpn.nms_thresh=0.6, "
+        "model.anchor_sizes=[16,32,64,128,256]; an unknown path lists the known ones",
+    )  # fmt: skip
     p.add_argument(
         "--seed", type=int, default=0, help="random seed of weights, order and flips (default: 0)"
     )
@@ -349,7 +370,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from instseg_trainer.reporting.reporters import make_reporters
     from instseg_trainer.templates import get_template
 
-    template = get_template(args.template).with_overrides(
+    recipe = get_template(args.template)
+    template = recipe.with_overrides(
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -357,6 +379,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_iterations=args.warmup_iterations,
         early_stopping_patience=args.early_stopping_patience,
     )
+    template = template.with_settings(dict(args.set or []))
+    _log_changed_settings(recipe, template)
     if args.resume and not (args.output / LAST).is_file():
         raise InstsegError(f"--resume: '{args.output / LAST}' does not exist; nothing to resume")
     config = TrainConfig(
@@ -387,6 +411,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_main and args.export and final.best_checkpoint:
         _export_trained(args, Path(final.best_checkpoint))
     return 0
+
+
+def _log_changed_settings(recipe, template) -> None:
+    ours, theirs = template.settings(), recipe.settings()
+    changed = [f"{path}={value!r} (template: {theirs[path]!r})"
+               for path, value in ours.items() if value != theirs[path]]  # fmt: skip
+    if changed:
+        logging.getLogger("instseg").info("recipe changed: %s", ", ".join(changed))
 
 
 def _export_trained(args: argparse.Namespace, best: Path) -> None:

@@ -131,7 +131,7 @@ def split_for_validation(train: CocoSubset) -> tuple[CocoSubset, CocoSubset]:
     val_records = [r for i, r in enumerate(ordered) if i in chosen]
     train_records = [r for i, r in enumerate(ordered) if i not in chosen]
     log.info(
-        "no val root given: %d of the %d train images (%.0f%%, seed %d) are the val set",
+        "no val root given: the val set is %d of the %d train images (%.0f%%, seed %d)",
         count, len(ordered), 100 * VAL_FRACTION, SPLIT_SEED,
     )  # fmt: skip
     return (replace(train, records=train_records, skipped=Counter(train.skipped)),
