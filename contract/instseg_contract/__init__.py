@@ -53,6 +53,7 @@ HYPERPARAMETER_FLAGS = {
     "earlyStoppingPatience": "--early-stopping-patience",
     "seed": "--seed",
     "backboneWeights": "--backbone-weights",
+    "weights": "--weights",
 }
 # every other value of a template: spec.hyperparameters key (nested objects joined with ".")
 # → the template path `instseg train --set PATH=VALUE` takes

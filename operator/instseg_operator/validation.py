@@ -110,11 +110,18 @@ def spec_problems(spec: dict, built_pod: dict | None = None) -> list[str]:
             f"spec.image: {image!r} is not a valid image reference "
             "(e.g. ghcr.io/instseg/trainer:0.1.0)"
         )
-    weights = (spec.get("hyperparameters") or {}).get("backboneWeights")
+    hyperparameters = spec.get("hyperparameters") or {}
+    weights = hyperparameters.get("backboneWeights")
     if weights is not None and weights not in ("imagenet", "none") and not weights.startswith("/"):
         problems.append(
             f"spec.hyperparameters.backboneWeights: {weights!r} must be imagenet, none, "
             "or an absolute path inside the trainer container"
+        )
+    start = hyperparameters.get("weights")
+    if start is not None and start != "coco" and not start.startswith("/"):
+        problems.append(
+            f"spec.hyperparameters.weights: {start!r} must be coco or an absolute path inside "
+            "the trainer container (a checkpoint or torchvision's COCO Mask R-CNN file)"
         )
     return problems
 

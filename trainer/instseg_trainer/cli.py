@@ -17,6 +17,7 @@ from instseg_trainer import __version__
 from instseg_trainer.errors import InstsegError
 from instseg_trainer.logs import configure_logging, log_failure, logs_json
 
+TEMPLATE_STARTS = {"imagenet": "ImageNet backbone", "coco": "COCO Mask R-CNN"}
 # `instseg sample-data --format`: COCO, and instance formats Datumaro writes and reads back
 SAMPLE_FORMATS = ("coco", "voc_instance_segmentation", "cityscapes", "label_me", "cvat", "datumaro")
 
@@ -170,7 +171,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="imagenet (torchvision download), none (random init) or PATH to a state dict; "
         "default: the template's (imagenet)",
     )
-    p.add_argument("--weights", type=Path, help="start from an instseg checkpoint (fine-tune)")
+    p.add_argument(
+        "--weights", metavar="CHECKPOINT|coco",
+        help="start from an instseg checkpoint (other classes too: class-incremental), or from "
+        "torchvision's COCO Mask R-CNN ('coco', or its .pth file; ResNet50 only); default: "
+        "the template's start (`instseg templates`)",
+    )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="require OUTPUT/last.pt and continue from it"
     )
@@ -323,7 +329,7 @@ def _add_sample_data(sub: argparse._SubParsersAction) -> None:
 def cmd_templates(args: argparse.Namespace) -> int:
     from instseg_trainer.templates import all_templates
 
-    rows = [("Template", "OTX id", "Input", "GFLOPs (OTX)", "Params M", "Size MB (OTX)")]
+    rows = [("Template", "OTX id", "Input", "Start", "GFLOPs (OTX)", "Params M", "Size MB (OTX)")]
     for t in all_templates():
         if args.no_measure:
             gflops, params, size = "-", "-", "-"
@@ -341,6 +347,7 @@ def cmd_templates(args: argparse.Namespace) -> int:
                 t.name,
                 t.otx_id,
                 str(t.input_size),
+                TEMPLATE_STARTS[t.start],
                 f"{gflops} ({t.published['gflops']})",
                 params,
                 f"{size} ({t.published['size_mb']})",
@@ -357,6 +364,11 @@ def cmd_templates(args: argparse.Namespace) -> int:
             "box head on the test-time proposals, mask head on 100 detections; "
             "size = fp32 parameters. In brackets: the figures OTX publishes for its templates."
         )
+    print(
+        "Start: what a training loads without --weights or --backbone-weights. COCO: "
+        "torchvision's COCO Mask R-CNN (downloaded once; offline, --weights FILE), its class "
+        "layers kept for classes named as COCO's."
+    )
     for t in all_templates():
         if t.published.get("note"):
             print(f"{t.name}: {t.published['note']}")

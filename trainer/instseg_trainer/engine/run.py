@@ -37,6 +37,7 @@ from instseg_trainer.engine.ema import WeightEma, build_ema
 from instseg_trainer.engine.schedule import WarmupPlateauSchedule
 from instseg_trainer.errors import CheckpointError, DataError, InstsegError
 from instseg_trainer.models.mask_rcnn import build_model
+from instseg_trainer.models.starts import COCO, load_start, read_start
 from instseg_trainer.reporting.events import Event, Final
 from instseg_trainer.reporting.reporters import MultiReporter, Reporter
 from instseg_trainer.templates import Template
@@ -54,7 +55,7 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     backbone_weights: str | None = None  # None: the template's default
-    init_weights: Path | None = None
+    init_weights: str | Path | None = None  # --weights: a checkpoint, or "coco" (models.starts)
     resume: bool = False
     stop_after_iterations: int | None = None
     log_interval: int = 10
@@ -355,17 +356,29 @@ def _build_model(
     device: torch.device,
 ) -> torch.nn.Module:
     template = cfg.template
+    start = None if state else start_weights(cfg)
     model = build_model(
         template.model,
         len(train_set.class_names),
         template.input_size,
         backbone_weights,
         # weights that come from a checkpoint next need no ImageNet download first
-        load_backbone_weights=not (state or cfg.init_weights),
+        load_backbone_weights=not (state or start),
     )
-    if cfg.init_weights is not None and not state:
-        _load_init_weights(model, cfg.init_weights, train_set.class_names)
+    if start is not None:
+        load_start(model, read_start(start, template.name), train_set.class_names)
     return model.to(device)
+
+
+def start_weights(cfg: TrainConfig) -> str | Path | None:
+    """What a new training loads beyond its backbone: --weights, else the template's start
+    (torchvision's COCO Mask R-CNN for ResNet50, as OTX's load_from) unless
+    --backbone-weights chose the start."""
+    if cfg.init_weights is not None:
+        return cfg.init_weights
+    if cfg.backbone_weights is None and cfg.template.start == COCO:
+        return COCO
+    return None
 
 
 def _restore(run: TrainingRun, state: dict) -> None:
@@ -403,25 +416,6 @@ def _check_compatible(state: dict, run: TrainingRun) -> None:
                 f"{value}; resume with the same {flag} (or nproc/nnodes for world_size), "
                 f"or use another --output to start a new training"
             )
-
-
-def _load_init_weights(model: torch.nn.Module, path: Path, class_names: list[str]) -> None:
-    state = load_checkpoint(path)
-    weights = state.get("ema") or state.get("model")
-    if weights is None:
-        raise CheckpointError(f"--weights '{path}' holds no model weights")
-    if state.get("class_names") != class_names:
-        raise CheckpointError(
-            f"--weights '{path}' was trained on classes {state.get('class_names')}, but this "
-            f"dataset has {class_names}; fine-tuning keeps the classes, so start from "
-            f"--backbone-weights instead"
-        )
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"--weights '{path}' does not fit the {state.get('template')} model built here: {e}"
-        ) from e
 
 
 def wrap_for_training(run: TrainingRun) -> torch.nn.Module:

@@ -23,6 +23,7 @@ class Template:
     model: dict
     hyperparameters: dict
     published: dict  # OTX's published complexity: gflops, size_mb and an optional note
+    start: str = "imagenet"  # what a training starts from: imagenet (backbone) or coco
 
     def with_overrides(self, **overrides) -> Template:
         """A copy with hyperparameters (or `input_size`) replaced; None values are ignored."""
@@ -64,7 +65,7 @@ class Template:
             node[leaf] = _typed(self.name, path, value, known[path])
         _check(self.name, tree["input_size"], tree["hyperparameters"], tree["model"])
         return Template(self.name, self.otx_id, self.summary, tree["input_size"], tree["model"],
-                        tree["hyperparameters"], self.published)  # fmt: skip
+                        tree["hyperparameters"], self.published, self.start)  # fmt: skip
 
 
 def _resolve(name: str, given: str, known: dict[str, Any]) -> str:
@@ -169,6 +170,7 @@ def _load(file_name: str) -> Template:
         model=raw["model"],
         hyperparameters=raw["hyperparameters"],
         published=raw["otx_published"],
+        start=raw.get("start", "imagenet"),
     )
 
 
