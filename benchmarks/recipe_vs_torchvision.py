@@ -128,8 +128,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="recipe-") as work:
         work = Path(work)
         data = work / "data"
+        sizes = {"min_size": args.input_size // 2, "max_size": args.input_size}
         write_sample_dataset(data, num_train=args.train_images, num_val=args.val_images,
-                             seed=0, min_size=args.input_size // 2, max_size=args.input_size)  # fmt: skip
+                             seed=0, **sizes)  # fmt: skip
         for name, train in (("ours", train_ours), ("torchvision", train_reference)):
             start = time.monotonic()
             train(args, data, work / name)
