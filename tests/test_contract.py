@@ -14,6 +14,7 @@ from instseg_operator.manifests import trainer_command
 from instseg_operator.status import build_conditions
 from instseg_trainer.cli import build_parser
 from instseg_trainer.reporting.events import (
+    BatchSize,
     Epoch,
     Exported,
     Final,
@@ -74,13 +75,14 @@ def test_every_template_value_is_a_crd_hyperparameter_that_reaches_the_trainer()
 
 def test_the_hyperparameters_with_flags_reach_the_trainer_as_flags_it_parses() -> None:
     values = {key: 3 for key in contract.HYPERPARAMETER_FLAGS}
-    values |= {"backboneWeights": "none", "learningRate": 0.01}
+    values |= {"backboneWeights": "none", "learningRate": 0.01, "autoBatchSize": True}
     data = {"train": {"claimName": "datasets"}, "val": {"claimName": "datasets"}}
     spec = {"template": "MaskRCNN-ResNet50", "data": data, "hyperparameters": values}
     command = trainer_command(spec, "job", "service")
     assert command[0] == contract.TRAINER_SCRIPT
     args = build_parser().parse_args(command[1:])
     assert (args.epochs, args.batch_size, args.learning_rate) == (3, 3, 0.01)
+    assert args.auto_batch_size is True
     for flag in contract.HYPERPARAMETER_FLAGS.values():
         assert flag in command
 
@@ -111,7 +113,9 @@ def test_the_contract_needs_only_the_standard_library() -> None:
 
 
 def test_the_trainers_events_are_the_contracts_kinds() -> None:
-    kinds = tuple(kind.kind for kind in (Start, Iteration, Epoch, Validation, Final, Exported))
+    kinds = tuple(
+        kind.kind for kind in (Start, Iteration, Epoch, Validation, Final, Exported, BatchSize)
+    )
     assert kinds == contract.EVENT_KINDS
 
 

@@ -10,7 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from kubernetes import client
 
-from instseg_trainer.reporting.events import Exported, Final, Iteration, Start, Validation
+from instseg_trainer.reporting.events import (
+    BatchSize,
+    Exported,
+    Final,
+    Iteration,
+    Start,
+    Validation,
+)
 from instseg_trainer.reporting.kubernetes_status import KubernetesStatusReporter, progress_patch
 
 
@@ -144,9 +151,11 @@ def test_every_progress_field_survives_crd_pruning() -> None:
     start = Start(
         template="MaskRCNN-ResNet50", total_epochs=4, iterations_per_epoch=20, train_images=40,
         val_images=8, classes=["cell"], device="cpu", world_size=1, output="/output",
-        resumed_at_iteration=0,
+        resumed_at_iteration=0, batch_size=4,
     )  # fmt: skip
-    for event in (_iteration(1), VALIDATION, FINAL, start):
+    changed = BatchSize(batch_size=2, previous_batch_size=4, learning_rate=0.01,
+                        reason="out_of_memory")  # fmt: skip
+    for event in (_iteration(1), VALIDATION, FINAL, start, changed):
         progress = progress_patch(event)
         assert set(progress) | {"updatedAt"} <= set(declared), event.kind
         assert set(progress.get("metrics", {})) <= set(declared["metrics"]["properties"])

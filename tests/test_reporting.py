@@ -33,6 +33,7 @@ START = Start(
     world_size=1,
     output="/out",
     resumed_at_iteration=0,
+    batch_size=4,
 )
 
 

@@ -54,6 +54,7 @@ HYPERPARAMETER_FLAGS = {
     "seed": "--seed",
     "backboneWeights": "--backbone-weights",
     "weights": "--weights",
+    "autoBatchSize": "--auto-batch-size",
 }
 # every other value of a template: spec.hyperparameters key (nested objects joined with ".")
 # → the template path `instseg train --set PATH=VALUE` takes
@@ -102,12 +103,12 @@ EXPORT_DIRECTORY = "exported"
 EXIT_USER_ERROR = 2
 
 # ---- progress: the trainer's events, and the status.progress fields they update
-EVENT_KINDS = ("start", "iteration", "epoch", "validation", "final", "export")
+EVENT_KINDS = ("start", "iteration", "epoch", "validation", "final", "export", "batch_size")
 # status.artifacts: one entry per exported model, written by the trainer
 ARTIFACT_FIELDS = ("name", "path", "format", "precision", "sizeBytes", "valSegmMap")
 PROGRESS_FIELDS = (
     "epoch", "totalEpochs", "epochText", "iteration", "loss", "learningRate",
-    "imagesPerSecond", "etaSeconds", "bestCheckpoint", "metrics", "updatedAt",
+    "imagesPerSecond", "etaSeconds", "bestCheckpoint", "metrics", "updatedAt", "batchSize",
 )  # fmt: skip
 PROGRESS_METRIC_FIELDS = (
     "segmMap", "segmMap50", "bboxMap", "bboxMap50", "fMeasure", "bestSegmMap", "bestBboxMap",

@@ -57,6 +57,14 @@ def _add_roots_arg(p: argparse.ArgumentParser, flag: str, what: str, required: b
     )
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"'{text}' is not true or false")
+
+
 def _setting(text: str) -> tuple[str, object]:
     """`PATH=VALUE` → (path, value), the value read as YAML (numbers, true/false, lists)."""
     import yaml
@@ -157,6 +165,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", type=_positive_int, help="longer image side (multiple of 32)")
     p.add_argument("--warmup-iterations", type=int, help="linear warmup length")
     p.add_argument("--early-stopping-patience", type=int, help="validations without gain; 0=off")
+    p.add_argument(
+        "--auto-batch-size", nargs="?", const=True, default=False, type=_yes_no,
+        metavar="true|false",
+        help="on a GPU, the largest batch its memory allows (learning rate scaled by the "
+        "square root of the ratio, as OTX); a no-op on CPU",
+    )  # fmt: skip
     p.add_argument(
         "--set", type=_setting, action="append", metavar="PATH=VALUE",
         help="any value of the template, by its path (repeatable), e.g. "
@@ -405,6 +419,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         backbone_weights=args.backbone_weights,
         init_weights=args.weights,
+        auto_batch_size=args.auto_batch_size,
         resume=args.resume,
         stop_after_iterations=args.stop_after_iterations,
         log_interval=args.log_interval,

@@ -24,6 +24,13 @@ from instseg_trainer.data.coco import CocoSubset, ImageRecord
 from instseg_trainer.data.dataset import InstanceSegDataset, collate
 from instseg_trainer.data.roots import load_train_val
 from instseg_trainer.data.sampler import EpochSampler, aspect_groups
+from instseg_trainer.engine.batch_size import (
+    adapted_event,
+    choose_batch_size,
+    keep_adapted_batch,
+    resume_with_smaller_batch,
+    smaller_batch_after_oom,
+)
 from instseg_trainer.engine.checkpoint import (
     BEST,
     LAST,
@@ -59,6 +66,9 @@ class TrainConfig:
     resume: bool = False
     stop_after_iterations: int | None = None
     log_interval: int = 10
+    auto_batch_size: bool = False  # --auto-batch-size (engine.batch_size)
+    # the template's batch size, when memory changed it (auto, or halved after running out)
+    batch_adapted_from: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("train_roots", "val_roots"):
@@ -173,6 +183,7 @@ class TrainingRun:
         return {
             **self.model_card(),
             **self.settings(),
+            "batch_adapted_from": self.cfg.batch_adapted_from,
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict(),
             "ema_steps": self.ema.steps,
@@ -309,11 +320,15 @@ def prepare_run(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> Trai
     if resuming and cfg.init_weights is not None:
         log.warning("resuming from %s: --weights %s is not used", last_path, cfg.init_weights)
     state = load_checkpoint(last_path) if resuming else None
+    cfg = keep_adapted_batch(cfg, state)
     hyper = cfg.template.hyperparameters
     backbone_weights = (
         state["backbone_weights"] if state else cfg.backbone_weights or hyper["backbone_weights"]
     )
     model = _build_model(cfg, train_set, backbone_weights, state, dist.device)
+    chosen = None if state else choose_batch_size(cfg, model, train_set, dist)
+    if chosen is not None:
+        cfg, hyper = chosen, chosen.template.hyperparameters
     sampler = train_sampler_for(train_set.records, hyper, cfg.seed, dist.world_size, dist.rank)
     iterations_per_epoch = math.ceil(sampler.per_rank() / hyper["batch_size"])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -339,6 +354,8 @@ def prepare_run(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> Trai
     )  # fmt: skip
     if state:
         _restore(run, state)
+    if chosen is not None:
+        run.report(adapted_event(cfg, "auto"))
     return run
 
 
@@ -391,6 +408,8 @@ def _restore(run: TrainingRun, state: dict) -> None:
     run.schedule.load_state_dict(state["schedule"])
     run.early.load_state_dict(state["early_stopping"])
     run.pos = Position(**state["position"])
+    if state["batch_size"] != run.batch_size:  # halved after running out of memory
+        resume_with_smaller_batch(run, state)
     run.best = state.get("best", {})
     restore_rng_state(state["rng"][run.dist.rank])
     log.info(
@@ -409,6 +428,8 @@ def _check_compatible(state: dict, run: TrainingRun) -> None:
             f"{class_names}; use another --output to start a new training"
         )
     for key, value in run.settings().items():
+        if key == "batch_size" and smaller_batch_after_oom(run.cfg, state):
+            continue
         if state.get(key) != value:
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(

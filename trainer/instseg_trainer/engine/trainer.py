@@ -6,6 +6,7 @@ its validation) and at the end, best.pt at each better validation.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
@@ -18,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from instseg_trainer.engine.batch_size import adapted_event, halved_after_oom
 from instseg_trainer.engine.checkpoint import rng_state, save_checkpoint
 from instseg_trainer.engine.distributed import setup_distributed
 from instseg_trainer.engine.run import (
@@ -72,10 +74,21 @@ class StopSignal:
 
 
 def train(cfg: TrainConfig, reporter: Reporter) -> Final:
-    """Trains, validating each epoch; returns the final event. Resumes from `last.pt`."""
+    """Trains, validating each epoch; returns the final event. Resumes from `last.pt`; after
+    the GPU ran out of memory, resumes from it with half the batch (engine.batch_size)."""
     dist = setup_distributed(cfg.device)
     try:
-        return fit(prepare_run(cfg, reporter, dist))
+        while True:
+            try:
+                return fit(prepare_run(cfg, reporter, dist))
+            except torch.OutOfMemoryError as error:
+                message = str(error).splitlines()[0]
+            # outside the except block: the failed run's tensors are free once its frames are
+            gc.collect()
+            torch.cuda.empty_cache()
+            cfg = halved_after_oom(cfg, dist, message)
+            if dist.is_main:
+                reporter.report(adapted_event(cfg, "out_of_memory"))
     finally:
         dist.shutdown()
 
@@ -291,7 +304,7 @@ def _start_event(run: TrainingRun) -> Start:
         train_images=len(run.train_set.records), val_images=len(run.val_set.records),
         classes=run.train_set.class_names, device=str(run.device),
         world_size=run.dist.world_size, output=str(run.output),
-        resumed_at_iteration=run.pos.iteration,
+        resumed_at_iteration=run.pos.iteration, batch_size=run.batch_size,
     )  # fmt: skip
 
 

@@ -46,6 +46,7 @@ class Start(Event):
     world_size: int
     output: str
     resumed_at_iteration: int
+    batch_size: int  # per process and step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +92,19 @@ class Validation(Progress):
     improved: bool
     learning_rate: float
     seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchSize(Event):
+    """The batch size changed for memory: chosen by --auto-batch-size ("auto"), or halved
+    after the GPU ran out of memory ("out_of_memory"; the training resumes from last.pt).
+    The learning rate follows it (engine.batch_size)."""
+
+    kind: ClassVar[str] = "batch_size"
+    batch_size: int
+    previous_batch_size: int
+    learning_rate: float
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True)

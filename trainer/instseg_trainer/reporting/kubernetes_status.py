@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from instseg_contract import ENV_NAME, ENV_NAMESPACE, GROUP, PLURAL, VERSION
 
 from instseg_trainer.reporting.events import (
+    BatchSize,
     Epoch,
     Event,
     Exported,
@@ -53,7 +54,10 @@ def progress_patch(event: Event) -> dict | None:
             iteration=event.iteration,
         )
     if isinstance(event, Start):
-        progress.update(totalEpochs=event.total_epochs, iteration=event.resumed_at_iteration)
+        progress.update(totalEpochs=event.total_epochs, iteration=event.resumed_at_iteration,
+                        batchSize=event.batch_size)  # fmt: skip
+    if isinstance(event, BatchSize):
+        progress.update(batchSize=event.batch_size, learningRate=event.learning_rate)
     if isinstance(event, (Iteration, Epoch)):
         progress.update(loss=_finite(event.loss, 4), learningRate=event.learning_rate)
     if isinstance(event, Iteration):
