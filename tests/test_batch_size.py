@@ -103,6 +103,13 @@ def test_out_of_memory_halves_the_batch_and_resumes_from_last_pt(
     assert _events(output)[-1]["event"] == "final"
     assert [e["batch_size"] for e in _events(output) if e["event"] == "start"][-1] == 2
 
+    # out of memory again: the batch the run used (2) is halved, not the template's (4)
+    _out_of_memory_at(monkeypatch, batch=2, epoch=3)
+    again = train(_config(data, output, epochs=4), make_reporters(output))
+    assert again.status == "completed"
+    changed = [e for e in _events(output) if e["event"] == "batch_size"]
+    assert (changed[-1]["batch_size"], changed[-1]["previous_batch_size"]) == (1, 2)
+
 
 def test_out_of_memory_at_batch_one_ends_with_what_to_change(
     data: Path, tmp_path: Path, monkeypatch

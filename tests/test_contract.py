@@ -63,7 +63,7 @@ def test_every_template_value_is_a_crd_hyperparameter_that_reaches_the_trainer()
         reachable = flagged | set(contract.TEMPLATE_SETTINGS.values())
         assert set(template.settings()) <= reachable, template.name
     values = {"model": {"rpn": {"nmsThresh": 0.6}, "anchorSizes": [16, 32, 64, 128, 256]},
-              "momentum": 0.95}  # fmt: skip
+              "momentum": 0.95, "minLearningRate": 1e-6, "weightDecay": 1e-5}  # fmt: skip
     spec = {"template": "MaskRCNN-ResNet50", "data": {"train": {"claimName": "d"}},
             "hyperparameters": values}  # fmt: skip
     args = build_parser().parse_args(trainer_command(spec, "job", "service")[1:])
@@ -71,6 +71,8 @@ def test_every_template_value_is_a_crd_hyperparameter_that_reaches_the_trainer()
     assert template.hyperparameters["momentum"] == 0.95
     assert template.model["rpn"]["nms_thresh"] == 0.6
     assert template.model["anchor_sizes"] == [16, 32, 64, 128, 256]
+    assert template.hyperparameters["min_learning_rate"] == 1e-6  # JSON's 1e-06, not a string
+    assert template.hyperparameters["weight_decay"] == 1e-5
 
 
 def test_the_hyperparameters_with_flags_reach_the_trainer_as_flags_it_parses() -> None:

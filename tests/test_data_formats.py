@@ -157,3 +157,15 @@ def test_train_runs_on_a_voc_root_without_a_val_root(
     assert start["classes"] == ["circle", "rectangle", "triangle"]
     assert (start["train_images"], start["val_images"]) == (5, 1)
     assert any(e["event"] == "validation" for e in events)
+
+
+def test_labelme2cocos_unused_background_category_is_no_class(
+    coco_root: Path, tmp_path: Path
+) -> None:
+    root = _single_file_root(coco_root, tmp_path / "labelme", "JPEGImages/")
+    data = json.loads((root / "annotations.json").read_text())
+    data["categories"].insert(0, {"id": 0, "name": "_background_", "supercategory": None})
+    (root / "annotations.json").write_text(json.dumps(data))
+    loaded = load_roots([root], "train")
+    assert loaded.class_names == ["circle", "rectangle", "triangle"]
+    assert _masks_by_image(loaded) == _masks_by_image(load_roots([coco_root], "train"))

@@ -57,6 +57,10 @@ def test_every_template_value_can_be_set_by_path_or_unique_ending() -> None:
         ({"model.mask_head.convs": 0}, "must be > 0"),
         ({"model.anchor_sizes": [32, 64]}, "5 sizes, one per FPN level"),
         ({"model.backbone": "resnet50"}, "choose another template"),
+        ({"plateau_factor": 1.0}, "plateau_factor' must be within \\(0, 1\\)"),
+        ({"warmup_ratio": 0.0}, "warmup_ratio' must be within \\(0, 1\\]"),
+        ({"grad_clip_norm": -1.0}, "grad_clip_norm' must be >= 0"),
+        ({"model.roi.bg_iou_thresh": 0.6}, "must not exceed 'model.roi.fg_iou_thresh'"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_it(settings: dict, message: str) -> None:

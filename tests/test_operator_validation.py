@@ -52,11 +52,39 @@ def test_a_good_spec_has_no_problems() -> None:
         ("tolerations.0.effect", "NoWay", "spec.tolerations[0].effect: 'NoWay' must be one of"),
         ("tolerations.0", {"operator": "Equal"}, "spec.tolerations[0]: an empty key needs"),
         ("hyperparameters.backboneWeights", "r50.pth", "spec.hyperparameters.backboneWeights"),
+        ("hyperparameters.weights", "best.pt", "spec.hyperparameters.weights: 'best.pt' must be"),
+        ("template", "MaskRCNN-ConvNeXt", None),  # valid as such
     ],
 )
-def test_each_bad_field_is_named(path: str, value, expected: str) -> None:
+def test_each_bad_field_is_named(path: str, value, expected: str | None) -> None:
     problems = spec_problems(_with(path, value))
+    if expected is None:
+        assert problems == []
+        return
     assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+@pytest.mark.parametrize(
+    ("template", "hyperparameters", "expected"),
+    [
+        ("MaskRCNN-EfficientNetB2B", {"weights": "coco"}, "fits the MaskRCNN-ResNet50 template"),
+        ("MaskRCNN-ResNet50", {"model": {"dropPathRate": 0.1}}, "only the ConvNeXt template"),
+    ],
+)
+def test_values_that_fit_only_some_templates_are_refused(template, hyperparameters, expected):
+    spec = {"template": template, "hyperparameters": hyperparameters}
+    problems = spec_problems(spec)
+    assert len(problems) == 1 and expected in problems[0], problems
+    assert (
+        spec_problems(
+            {
+                **spec,
+                "template": "Custom_Counting_Instance_Segmentation_MaskRCNN_"
+                + ("ResNet50" if "coco" in str(hyperparameters) else "ConvNeXt"),
+            }
+        )
+        == []
+    )
 
 
 def test_claims_name_the_first_field_using_them() -> None:

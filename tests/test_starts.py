@@ -87,6 +87,10 @@ def test_torchvisions_coco_mask_rcnn_file_starts_the_resnet50_template(tmp_path:
     assert not torch.equal(ours[CLS][2], theirs[CLS][2])  # "widget" is new
     with pytest.raises(CheckpointError, match="fits MaskRCNN-ResNet50, not MaskRCNN-ConvNeXt"):
         read_start(path, "MaskRCNN-ConvNeXt")
+    narrow = get_template("MaskRCNN-ResNet50").with_settings({"mask_head.channels": 128})
+    changed = build_model(narrow.model, 2, 64, "imagenet", load_backbone_weights=False)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_start(changed, read_start(path, "MaskRCNN-ResNet50"), ["person", "widget"])
 
 
 def test_without_internet_coco_says_which_file_to_bring(monkeypatch) -> None:
@@ -124,6 +128,7 @@ def test_a_start_of_another_architecture_is_refused(tmp_path: Path) -> None:
     [
         ("MaskRCNN-ResNet50", None, None, "coco"),  # the template's start, as OTX's load_from
         ("MaskRCNN-ResNet50", None, "none", None),  # --backbone-weights chose the start
+        ("MaskRCNN-ResNet50", None, "imagenet", None),
         ("MaskRCNN-EfficientNetB2B", None, None, None),
         ("MaskRCNN-EfficientNetB2B", "run/best.pt", "none", "run/best.pt"),
     ],

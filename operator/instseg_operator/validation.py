@@ -117,11 +117,29 @@ def spec_problems(spec: dict, built_pod: dict | None = None) -> list[str]:
             f"spec.hyperparameters.backboneWeights: {weights!r} must be imagenet, none, "
             "or an absolute path inside the trainer container"
         )
-    start = hyperparameters.get("weights")
+    return problems + _start_problems(spec)
+
+
+def _start_problems(spec: dict) -> list[str]:
+    """spec.hyperparameters values that fit only some templates, or only some forms."""
+    hyperparameters = spec.get("hyperparameters") or {}
+    template, start = str(spec.get("template", "")), hyperparameters.get("weights")
+    problems = []
     if start is not None and start != "coco" and not start.startswith("/"):
         problems.append(
             f"spec.hyperparameters.weights: {start!r} must be coco or an absolute path inside "
             "the trainer container (a checkpoint or torchvision's COCO Mask R-CNN file)"
+        )
+    if start == "coco" and not template.endswith("ResNet50"):
+        problems.append(
+            "spec.hyperparameters.weights: coco (torchvision's COCO Mask R-CNN, ResNet-50 FPN) "
+            f"fits the MaskRCNN-ResNet50 template only, not {template}"
+        )
+    model = hyperparameters.get("model") or {}
+    if model.get("dropPathRate") is not None and not template.endswith("ConvNeXt"):
+        problems.append(
+            f"spec.hyperparameters.model.dropPathRate: only the ConvNeXt template has it, not "
+            f"{template}"
         )
     return problems
 

@@ -66,7 +66,10 @@ def _yes_no(text: str) -> bool:
 
 
 def _setting(text: str) -> tuple[str, object]:
-    """`PATH=VALUE` → (path, value), the value read as YAML (numbers, true/false, lists)."""
+    """`PATH=VALUE` → (path, value), the value read as JSON (numbers such as 1e-05, true,
+    lists; what the operator writes), else as YAML (bare words, [a, b])."""
+    import json
+
     import yaml
 
     path, equals, value = text.partition("=")
@@ -74,6 +77,10 @@ def _setting(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(
             f"'{text}' is not PATH=VALUE (e.g. hyperparameters.momentum=0.95)"
         )
+    try:
+        return path.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        pass
     try:
         return path.strip(), yaml.safe_load(value)
     except yaml.YAMLError as e:

@@ -163,14 +163,14 @@ def _pick_annotation_file(root: Path, files: list[Path], subset: str | None) -> 
 
 
 def _looks_like_coco(path: Path) -> bool:
-    """Whether a .json file is a COCO file (its start names a COCO key), without parsing it:
-    LabelMe's per-image .json files lie beside images too."""
+    """Whether a .json file is a COCO file (its start names COCO's "images"), without parsing
+    it: LabelMe's and Segment Anything's per-image .json files lie beside images too."""
     try:
         with path.open(encoding="utf-8", errors="replace") as f:
-            head = f.read(65536)
+            head = f.read(1 << 20)
     except OSError:
         return False
-    return any(f'"{key}"' in head for key in ("images", "annotations", "categories"))
+    return '"images"' in head  # Segment Anything's per-image files hold "image", singular
 
 
 def single_file_images(path: Path, data: dict) -> Path:
@@ -250,6 +250,8 @@ def load_coco_layout(layout: CocoLayout) -> CocoSubset:
     """Imports a COCO file with Datumaro; bad annotations are skipped, counted and logged."""
     path = layout.annotation_file
     data = _read_json(path)
+    filtered = _without_unused_category_zero(path, data)
+    data = filtered or data
     category_ids, class_names = _categories(path, data)
     images = layout.images or single_file_images(path, data)
     skipped: Counter = Counter()
@@ -263,7 +265,7 @@ def load_coco_layout(layout: CocoLayout) -> CocoSubset:
 
     policy = _SkippingErrorPolicy()
     with tempfile.TemporaryDirectory(prefix="instseg-coco-") as staging:
-        dataset = _import_staged(path, images, Path(staging), policy)
+        dataset = _import_staged(path, images, Path(staging), policy, filtered)
         for problem in policy.problems:
             skipped[_reason(problem)] += 1
         problems.extend(policy.problems)
@@ -286,12 +288,29 @@ def load_coco_layout(layout: CocoLayout) -> CocoSubset:
     return CocoSubset(layout.subset, (path,), records, class_names, category_ids, data, skipped)
 
 
-def _import_staged(path: Path, images: Path, staging: Path, policy) -> Dataset:
+def _without_unused_category_zero(path: Path, data: dict) -> dict | None:
+    """`data` without a category of id 0 that no annotation uses (labelme2coco declares its
+    `_background_` so), or None when there is none such."""
+    zero = [c for c in data["categories"] if isinstance(c, dict) and c.get("id") == 0]
+    used = any(isinstance(a, dict) and a.get("category_id") == 0 for a in data["annotations"])
+    if not zero or used:
+        return None
+    log.info("%s: category id 0 %r has no annotations: not a class", path, zero[0].get("name"))
+    return {**data, "categories": [c for c in data["categories"] if c not in zero]}
+
+
+def _import_staged(
+    path: Path, images: Path, staging: Path, policy, edited: dict | None = None
+) -> Dataset:
     """Datumaro's COCO import of `path` with its images in `images`, whatever the layout: the
-    file and the folder are linked into `staging` as the COCO 2017 layout Datumaro reads
-    (annotations/instances_images.json + images/), and loaded there."""
+    file (or its `edited` form) and the folder are linked into `staging` as the COCO 2017
+    layout Datumaro reads (annotations/instances_images.json + images/), and loaded there."""
     (staging / "annotations").mkdir()
-    (staging / "annotations" / "instances_images.json").symlink_to(path.absolute())
+    staged = staging / "annotations" / "instances_images.json"
+    if edited is None:
+        staged.symlink_to(path.absolute())
+    else:
+        staged.write_text(json.dumps(edited), encoding="utf-8")
     (staging / "images").symlink_to(images.absolute(), target_is_directory=True)
     try:
         dataset = Dataset.import_from(

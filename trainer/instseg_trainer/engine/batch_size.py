@@ -117,9 +117,10 @@ def scale_optimizer_learning_rate(optimizer: torch.optim.Optimizer, factor: floa
 
 
 def _with_batch(cfg: TrainConfig, batch: int, learning_rate: float) -> TrainConfig:
+    """`cfg` at another batch size; the search is not repeated once memory chose."""
     template = cfg.template.with_overrides(batch_size=batch, learning_rate=learning_rate)
     original = cfg.batch_adapted_from or cfg.template.hyperparameters["batch_size"]
-    return replace(cfg, template=template, batch_adapted_from=original)
+    return replace(cfg, template=template, batch_adapted_from=original, auto_batch_size=False)
 
 
 def choose_batch_size(
@@ -168,9 +169,12 @@ def halved_after_oom(cfg: TrainConfig, dist: Distributed, message: str) -> Train
     return _with_batch(cfg, new, scaled_learning_rate(lr, batch, new))
 
 
-def adapted_event(cfg: TrainConfig, reason: str) -> BatchSize:
+def adapted_event(cfg: TrainConfig, reason: str, previous: TrainConfig | None) -> BatchSize:
+    """The event of a change to `cfg`'s batch from `previous`'s (None: the template's)."""
     hyper = cfg.template.hyperparameters
-    return BatchSize(batch_size=hyper["batch_size"], previous_batch_size=cfg.batch_adapted_from,
+    before = previous.template.hyperparameters["batch_size"] if previous else None
+    return BatchSize(batch_size=hyper["batch_size"],
+                     previous_batch_size=before or cfg.batch_adapted_from,
                      learning_rate=hyper["learning_rate"], reason=reason)  # fmt: skip
 
 
@@ -178,6 +182,8 @@ def keep_adapted_batch(cfg: TrainConfig, state: dict | None) -> TrainConfig:
     """A resumed training keeps the batch size memory chose (saved in last.pt)."""
     if not state or not state.get("batch_adapted_from") or cfg.batch_adapted_from:
         return cfg
+    if cfg.template.hyperparameters["batch_size"] != state["batch_adapted_from"]:
+        return cfg  # another --batch-size than the one memory adapted: the resume check says
     log.info("resuming with batch size %d, which memory chose (the template's is %d)",
              state["batch_size"], state["batch_adapted_from"])  # fmt: skip
     template = cfg.template.with_overrides(
@@ -197,5 +203,6 @@ def resume_with_smaller_batch(run: TrainingRun, state: dict) -> None:
     """After restoring last.pt of a larger batch: the same images of the epoch count as
     done, and the restored learning rate (warmup and plateau included) scales with the batch."""
     old, new = state["batch_size"], run.batch_size
-    run.pos.epoch_step = run.pos.epoch_step * old // new
+    images_done = min(run.pos.epoch_step * old, run.sampler.per_rank())
+    run.pos.epoch_step = min(math.ceil(images_done / new), run.iterations_per_epoch)
     scale_optimizer_learning_rate(run.optimizer, math.sqrt(new / old))

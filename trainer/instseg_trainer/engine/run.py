@@ -355,7 +355,7 @@ def prepare_run(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> Trai
     if state:
         _restore(run, state)
     if chosen is not None:
-        run.report(adapted_event(cfg, "auto"))
+        run.report(adapted_event(cfg, "auto", None))
     return run
 
 
@@ -393,7 +393,8 @@ def start_weights(cfg: TrainConfig) -> str | Path | None:
     --backbone-weights chose the start."""
     if cfg.init_weights is not None:
         return cfg.init_weights
-    if cfg.backbone_weights is None and cfg.template.start == COCO:
+    chosen_backbone = cfg.backbone_weights or cfg.template.hyperparameters["backbone_weights"]
+    if cfg.template.start == COCO and chosen_backbone == "imagenet" and not cfg.backbone_weights:
         return COCO
     return None
 

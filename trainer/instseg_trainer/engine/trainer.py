@@ -79,16 +79,20 @@ def train(cfg: TrainConfig, reporter: Reporter) -> Final:
     dist = setup_distributed(cfg.device)
     try:
         while True:
+            used = cfg  # the config the run trained with (prepare_run may adapt its batch)
             try:
-                return fit(prepare_run(cfg, reporter, dist))
+                run = prepare_run(cfg, reporter, dist)
+                used = run.cfg
+                return fit(run)
             except torch.OutOfMemoryError as error:
                 message = str(error).splitlines()[0]
             # outside the except block: the failed run's tensors are free once its frames are
+            run = None
             gc.collect()
             torch.cuda.empty_cache()
-            cfg = halved_after_oom(cfg, dist, message)
+            cfg = halved_after_oom(used, dist, message)
             if dist.is_main:
-                reporter.report(adapted_event(cfg, "out_of_memory"))
+                reporter.report(adapted_event(cfg, "out_of_memory", used))
     finally:
         dist.shutdown()
 

@@ -72,7 +72,11 @@ def load_start(model: nn.Module, start: StartWeights, class_names: list[str]) ->
     """Loads `start` into `model`, class-incrementally when the class lists differ."""
     weights = {k: v for k, v in start.weights.items() if not k.endswith("num_batches_tracked")}
     if start.class_names != class_names:
-        weights = adapt_class_layers(weights, model.state_dict(), start.class_names, class_names)
+        try:
+            weights = adapt_class_layers(weights, model.state_dict(), start.class_names,
+                                         class_names)  # fmt: skip
+        except CheckpointError as e:
+            raise CheckpointError(f"{_does_not_fit(start.source)} ({e})") from e
         kept = [name for name in class_names if name in start.class_names]
         new = [name for name in class_names if name not in start.class_names]
         log.info(
@@ -83,10 +87,21 @@ def load_start(model: nn.Module, start: StartWeights, class_names: list[str]) ->
     missing, unexpected = _load(model, weights, start.source)
     if missing or unexpected:
         raise CheckpointError(
-            f"--weights '{start.source}' does not fit the model built here: missing "
-            f"{missing[:5]}, unexpected {unexpected[:5]}; was it trained with another template "
-            f"or other model settings?"
+            f"{_does_not_fit(start.source)} (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+
+
+def _does_not_fit(source: str) -> str:
+    """The start of the message when the start weights do not fit the model."""
+    if source == COCO:
+        return (
+            "torchvision's COCO Mask R-CNN (the template's start) does not fit the model as "
+            "--set changed it; start from --backbone-weights imagenet instead"
+        )
+    return (
+        f"--weights '{source}' does not fit the model built here; was it trained with another "
+        f"template or other model settings?"
+    )
 
 
 def adapt_class_layers(
@@ -106,6 +121,11 @@ def adapt_class_layers(
             key = f"{layer}.{kind}"
             if key not in weights:
                 continue
+            if fresh[key].shape[1:] != weights[key].shape[1:]:
+                raise CheckpointError(
+                    f"'{key}' is {tuple(weights[key].shape)} in the start weights but "
+                    f"{tuple(fresh[key].shape)} here: the heads' settings differ"
+                )
             tensor = fresh[key].clone()
             for new_index, old_index in [(0, 0), *shared]:  # the background, shared classes
                 tensor[new_index * rows : (new_index + 1) * rows] = weights[key][
@@ -120,10 +140,7 @@ def _load(model: nn.Module, weights: dict, source: str) -> tuple[list[str], list
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shapes differ
         reasons = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise CheckpointError(
-            f"--weights '{source}' does not fit the model built here ({reasons}); was it "
-            f"trained with another template or other model settings?"
-        ) from e
+        raise CheckpointError(f"{_does_not_fit(source)} ({reasons})") from e
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     return missing, list(result.unexpected_keys)
 

@@ -133,6 +133,17 @@ def _check(name: str, input_size: int, hyper: dict, model: dict) -> None:
     for path, value in fractions.items():
         if not 0.0 <= value <= 1.0:
             raise TemplateError(f"{name}: '{path}' must be within [0, 1], got {value}")
+    _check_schedule(name, hyper)
+    _check_model(name, model)
+
+
+def _check_model(name: str, model: dict) -> None:
+    for head in ("rpn", "roi"):
+        if model[head]["bg_iou_thresh"] > model[head]["fg_iou_thresh"]:
+            raise TemplateError(
+                f"{name}: 'model.{head}.bg_iou_thresh' ({model[head]['bg_iou_thresh']}) must "
+                f"not exceed 'model.{head}.fg_iou_thresh' ({model[head]['fg_iou_thresh']})"
+            )
     if len(model["anchor_sizes"]) != 5:
         raise TemplateError(
             f"{name}: 'model.anchor_sizes' needs 5 sizes, one per FPN level, got "
@@ -145,6 +156,17 @@ def _check(name: str, input_size: int, hyper: dict, model: dict) -> None:
             isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 for v in values
         ):
             raise TemplateError(f"{name}: '{path}' must be > 0, got {value}")
+
+
+def _check_schedule(name: str, hyper: dict) -> None:
+    """What torch's schedulers and clipping require of the recipe."""
+    if not 0.0 < hyper["plateau_factor"] < 1.0:
+        raise TemplateError(f"{name}: 'hyperparameters.plateau_factor' must be within (0, 1)")
+    if not 0.0 < hyper["warmup_ratio"] <= 1.0:
+        raise TemplateError(f"{name}: 'hyperparameters.warmup_ratio' must be within (0, 1]")
+    for key in ("grad_clip_norm", "weight_decay", "min_learning_rate", "early_stopping_start"):
+        if hyper[key] < 0:
+            raise TemplateError(f"{name}: 'hyperparameters.{key}' must be >= 0 (0: off)")
 
 
 # values that are probabilities, IoU thresholds or momenta
