@@ -154,8 +154,9 @@ def _add_templates(sub: argparse._SubParsersAction) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a template on a COCO dataset",
-        description="Train TEMPLATE on COCO data. Resumes when OUTPUT already holds last.pt.",
+        help="train a template on a dataset (COCO, or any instance format Datumaro reads)",
+        description="Train TEMPLATE on a dataset: COCO in any layout, or any instance format "
+        "Datumaro detects. Resumes when OUTPUT already holds last.pt.",
     )
     p.add_argument("template", help="template name or OTX id (see `instseg templates`)")
     _add_roots_arg(p, "--train-data-roots", "for training (subset train)")
@@ -166,24 +167,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         required=False,
     )
     p.add_argument("--output", type=Path, default=Path("outputs"), help="default: ./outputs")
-    p.add_argument("--epochs", type=_positive_int, help="override the template's epochs")
-    p.add_argument("--batch-size", type=_positive_int, help="images per GPU/process and step")
-    p.add_argument("--learning-rate", type=_positive_float, help="base learning rate")
-    p.add_argument("--input-size", type=_positive_int, help="longer image side (multiple of 32)")
-    p.add_argument("--warmup-iterations", type=int, help="linear warmup length")
-    p.add_argument("--early-stopping-patience", type=int, help="validations without gain; 0=off")
-    p.add_argument(
-        "--auto-batch-size", nargs="?", const=True, default=False, type=_yes_no,
-        metavar="true|false",
-        help="on a GPU, the largest batch its memory allows (learning rate scaled by the "
-        "square root of the ratio, as OTX); a no-op on CPU",
-    )  # fmt: skip
-    p.add_argument(
-        "--set", type=_setting, action="append", metavar="PATH=VALUE",
-        help="any value of the template, by its path (repeatable), e.g. "
-        "hyperparameters.momentum=0.95, model.rpn.nms_thresh=0.6, "
-        "model.anchor_sizes=[16,32,64,128,256]; an unknown path lists the known ones",
-    )  # fmt: skip
+    _add_recipe_args(p)
     p.add_argument(
         "--seed", type=int, default=0, help="random seed of weights, order and flips (default: 0)"
     )
@@ -207,6 +191,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="save a resumable checkpoint and stop after N iterations in total",
     )
     p.add_argument("--log-interval", type=_positive_int, default=10, help="iterations per report")
+    _add_export_args(p)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """`train`'s changes to the template's recipe."""
+    p.add_argument("--epochs", type=_positive_int, help="override the template's epochs")
+    p.add_argument("--batch-size", type=_positive_int, help="images per GPU/process and step")
+    p.add_argument("--learning-rate", type=_positive_float, help="base learning rate")
+    p.add_argument("--input-size", type=_positive_int, help="longer image side (multiple of 32)")
+    p.add_argument("--warmup-iterations", type=int, help="linear warmup length")
+    p.add_argument("--early-stopping-patience", type=int, help="validations without gain; 0=off")
+    p.add_argument(
+        "--auto-batch-size", nargs="?", const=True, default=False, type=_yes_no,
+        metavar="true|false",
+        help="on a GPU, the largest batch its memory allows (learning rate scaled by the "
+        "square root of the ratio, as OTX); a no-op on CPU",
+    )  # fmt: skip
+    p.add_argument(
+        "--set", type=_setting, action="append", metavar="PATH=VALUE",
+        help="any value of the template, by its path (repeatable), e.g. "
+        "hyperparameters.momentum=0.95, model.rpn.nms_thresh=0.6, "
+        "model.anchor_sizes=[16,32,64,128,256]; an unknown path lists the known ones",
+    )  # fmt: skip
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    """`train`'s export after training (spec.export)."""
     p.add_argument(
         "--export", type=_formats, metavar="FORMAT[,FORMAT]",
         help="after training, export best.pt (onnx, openvino) into OUTPUT/exported, each model "
@@ -220,8 +233,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--export-optimize", action="store_true",
         help="also an INT8 OpenVINO model (instseg optimize) among the exports",
     )  # fmt: skip
-    _add_runtime_args(p)
-    p.set_defaults(func=cmd_train)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from instseg_trainer.data.coco import CocoSubset
 from instseg_trainer.data.dataset import InstanceSegDataset
+from instseg_trainer.data.transforms import fitted_size
 from instseg_trainer.engine.distributed import Distributed, amp_dtype
 from instseg_trainer.errors import InstsegError
 from instseg_trainer.models.mask_rcnn import to_model_input
@@ -98,13 +99,15 @@ def gpu_step_fits(model: torch.nn.Module, dataset: InstanceSegDataset, indices: 
 
 
 def largest_images(dataset: InstanceSegDataset, count: int = 4) -> list[int]:
-    """Indices of the images with the most pixels, then the most instances: the batch that
-    needs the most memory."""
+    """Indices of the images with the most pixels once resized to the input size, then the
+    most instances (their mask targets): the batch that needs the most memory."""
     records = dataset.records
-    order = sorted(range(len(records)), reverse=True,
-                   key=lambda i: (records[i].width * records[i].height,
-                                  len(records[i].instances)))  # fmt: skip
-    return order[:count]
+
+    def need(i: int) -> tuple[int, int]:
+        height, width = fitted_size(records[i].height, records[i].width, dataset.input_size)
+        return height * width, len(records[i].instances)
+
+    return sorted(range(len(records)), key=need, reverse=True)[:count]
 
 
 def scale_optimizer_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
