@@ -55,6 +55,8 @@ HYPERPARAMETER_FLAGS = {
     "backboneWeights": "--backbone-weights",
     "weights": "--weights",
     "autoBatchSize": "--auto-batch-size",
+    "tiling": "--tiling",
+    "tileSize": "--tile-size",
 }
 # every other value of a template: spec.hyperparameters key (nested objects joined with ".")
 # → the template path `instseg train --set PATH=VALUE` takes

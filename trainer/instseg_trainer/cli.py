@@ -205,6 +205,15 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-iterations", type=int, help="linear warmup length")
     p.add_argument("--early-stopping-patience", type=int, help="validations without gain; 0=off")
     p.add_argument(
+        "--tiling", choices=("off", "on", "auto"), default="off",
+        help="train on tiles of large images (small objects), predict through tiles: on, or "
+        "auto (only when the objects are small for the images); default: off",
+    )  # fmt: skip
+    p.add_argument(
+        "--tile-size", type=_positive_int,
+        help="tile side in the images' pixels (default: from the objects' sizes, as OTX)",
+    )  # fmt: skip
+    p.add_argument(
         "--auto-batch-size", nargs="?", const=True, default=False, type=_yes_no,
         metavar="true|false",
         help="on a GPU, the largest batch its memory allows (learning rate scaled by the "
@@ -438,6 +447,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         backbone_weights=args.backbone_weights,
         init_weights=args.weights,
         auto_batch_size=args.auto_batch_size,
+        tiling=args.tiling,
+        tile_size=args.tile_size,
         resume=args.resume,
         stop_after_iterations=args.stop_after_iterations,
         log_interval=args.log_interval,

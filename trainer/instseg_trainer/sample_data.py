@@ -42,6 +42,16 @@ _MAX_OVERLAP_FRACTION = 0.3
 _NOISE_SIGMA = 5.0
 
 
+@dataclass(frozen=True)
+class _Shapes:
+    """How many objects an image holds (1 to max_objects) and their size: object_scale
+    times the default share of the image's shorter side (small objects in large images,
+    for tiling)."""
+
+    object_scale: float
+    max_objects: int
+
+
 @dataclass
 class _PlacedObject:
     category_id: int
@@ -59,6 +69,8 @@ def write_sample_dataset(
     seed: int = 0,
     min_size: int = 128,
     max_size: int = 256,
+    object_scale: float = 1.0,
+    max_objects: int = _MAX_OBJECTS,
 ) -> dict[str, dict[str, int]]:
     """Write the synthetic dataset in Datumaro's ``coco_instances`` layout under ``root``.
 
@@ -77,12 +89,16 @@ def write_sample_dataset(
         raise ValueError(f"need 32 <= min_size <= max_size, got {min_size} and {max_size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0 < object_scale <= 1 or max_objects < 1:
+        raise ValueError(f"need 0 < object_scale <= 1 and max_objects >= 1, got "
+                         f"{object_scale} and {max_objects}")  # fmt: skip
+    shapes = _Shapes(object_scale, max_objects)
 
     root = Path(root)
     summary: dict[str, dict[str, int]] = {}
     for subset_index, (subset, count) in enumerate(zip(SUBSETS, (num_train, num_val), strict=True)):
         rng = np.random.default_rng([seed, subset_index])
-        summary[subset] = _write_subset(root, subset, count, rng, min_size, max_size)
+        summary[subset] = _write_subset(root, subset, count, rng, min_size, max_size, shapes)
     summary["total"] = {
         key: sum(summary[subset][key] for subset in SUBSETS) for key in summary[SUBSETS[0]]
     }
@@ -96,6 +112,7 @@ def _write_subset(
     rng: np.random.Generator,
     min_size: int,
     max_size: int,
+    shapes: _Shapes,
 ) -> dict[str, int]:
     image_dir = root / "images" / subset
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +123,7 @@ def _write_subset(
     counts = dict.fromkeys(("images", "objects", "polygons", "rle", "crowd", "empty_images"), 0)
     for image_id in range(1, count + 1):
         width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-        pixels, objects = _render_image(rng, width, height)
+        pixels, objects = _render_image(rng, width, height, shapes)
         file_name = f"{subset}_{image_id:04d}.png"
         Image.fromarray(pixels).save(image_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
@@ -138,7 +155,7 @@ def _write_subset(
 
 
 def _render_image(
-    rng: np.random.Generator, width: int, height: int
+    rng: np.random.Generator, width: int, height: int, shapes: _Shapes
 ) -> tuple[np.ndarray, list[_PlacedObject]]:
     canvas = _gradient_background(rng, width, height)
     objects: list[_PlacedObject] = []
@@ -149,8 +166,8 @@ def _render_image(
             crowd = _place_crowd(rng, canvas)
             objects.append(crowd)
             blocked |= _dilate(crowd.full, _GAP_PX)
-        for _ in range(int(rng.integers(1, _MAX_OBJECTS + 1))):
-            placed = _place_object(rng, canvas, objects, blocked)
+        for _ in range(int(rng.integers(1, shapes.max_objects + 1))):
+            placed = _place_object(rng, canvas, objects, blocked, shapes.object_scale)
             if placed is not None and placed.polygon is not None:
                 blocked |= _dilate(placed.full, _GAP_PX)
     noisy = canvas + rng.normal(0.0, _NOISE_SIGMA, size=canvas.shape)
@@ -172,6 +189,7 @@ def _place_object(
     canvas: np.ndarray,
     objects: list[_PlacedObject],
     blocked: np.ndarray,
+    object_scale: float = 1.0,
 ) -> _PlacedObject | None:
     height, width = canvas.shape[:2]
     name = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
@@ -179,7 +197,7 @@ def _place_object(
     # Only RLE objects can be occluded: a polygon could not describe what stays visible.
     occludable = [obj for obj in objects if obj.polygon is None and not obj.iscrowd]
     for _ in range(_PLACEMENT_ATTEMPTS):
-        size = rng.uniform(*_OBJECT_SIZE_RANGE) * min(width, height)
+        size = rng.uniform(*_OBJECT_SIZE_RANGE) * object_scale * min(width, height)
         polygon = _shape_polygon(rng, name, size)
         centre = _random_centre(rng, polygon, width, height)
         flat = _flatten(polygon + centre)

@@ -47,6 +47,16 @@ class ImageRecord:
     width: int
     height: int
     instances: tuple[Instance, ...]
+    # a tile of the image (x0, y0, x1, y1) that training sees instead of all of it
+    window: tuple[int, int, int, int] | None = None
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        """(height, width) of what the model sees: the tile, or the image."""
+        if self.window is None:
+            return self.height, self.width
+        x0, y0, x1, y1 = self.window
+        return y1 - y0, x1 - x0
 
 
 @dataclass

@@ -26,12 +26,16 @@ class InstanceSegDataset(torch.utils.data.Dataset):
         index, flip = key if isinstance(key, tuple) else (key, False)
         record = self.records[index]
         image = load_rgb(record)
+        if record.window is not None:  # a tile (data.tiling): it is the image here
+            image = image.crop(record.window)
         original_hw = (image.height, image.width)
         size_hw = fitted_size(*original_hw, self.input_size)
         pixels = resize_image(image, size_hw)
         if flip:
             pixels = pixels[:, ::-1]
-        boxes, labels, masks = transform_instances(record.instances, original_hw, size_hw, flip)
+        boxes, labels, masks = transform_instances(
+            record.instances, original_hw, size_hw, flip, record.window
+        )
         tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
         target = {
             "boxes": torch.from_numpy(boxes),

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from instseg_trainer.data.coco import CocoSubset, ImageRecord
 from instseg_trainer.data.dataset import InstanceSegDataset, collate
 from instseg_trainer.data.roots import load_train_val
 from instseg_trainer.data.sampler import EpochSampler, aspect_groups
+from instseg_trainer.data.tiling import Tiling, choose_tiling, tile_records
 from instseg_trainer.engine.batch_size import (
     adapted_event,
     choose_batch_size,
@@ -43,6 +44,7 @@ from instseg_trainer.engine.early_stopping import EarlyStopping
 from instseg_trainer.engine.ema import WeightEma, build_ema
 from instseg_trainer.engine.schedule import WarmupPlateauSchedule
 from instseg_trainer.errors import CheckpointError, DataError, InstsegError
+from instseg_trainer.evaluation.tiled import TiledImages, collate_tiled
 from instseg_trainer.models.mask_rcnn import build_model
 from instseg_trainer.models.starts import COCO, load_start, read_start
 from instseg_trainer.reporting.events import Event, Final
@@ -67,6 +69,8 @@ class TrainConfig:
     stop_after_iterations: int | None = None
     log_interval: int = 10
     auto_batch_size: bool = False  # --auto-batch-size (engine.batch_size)
+    tiling: str = "off"  # --tiling off|on|auto (data.tiling)
+    tile_size: int | None = None  # --tile-size: else from the objects' sizes
     # the template's batch size, when memory changed it (auto, or halved after running out)
     batch_adapted_from: int | None = None
 
@@ -122,6 +126,7 @@ class TrainingRun:
     early: EarlyStopping
     sampler: EpochSampler
     iterations_per_epoch: int
+    tiling: Tiling | None = None  # train on tiles, validate on whole images through tiles
     pos: Position = field(default_factory=Position)
     best: dict = field(default_factory=dict)
     timing: Timing = field(default_factory=Timing)
@@ -163,6 +168,7 @@ class TrainingRun:
             "batch_size": self.batch_size,
             "world_size": self.dist.world_size,
             "input_size": self.cfg.template.input_size,
+            "tiling": self.tiling.to_dict() if self.tiling else None,
         }
 
     def model_card(self) -> dict:
@@ -176,6 +182,7 @@ class TrainingRun:
             "hyperparameters": template.hyperparameters,
             "class_names": self.train_set.class_names,
             "category_ids": self.train_set.category_ids,
+            "tiling": self.tiling.to_dict() if self.tiling else None,
         }
 
     def checkpoint_state(self, rngs: list[dict]) -> dict:
@@ -273,7 +280,7 @@ def train_sampler_for(
         flip_probability=hyper["flip_probability"],
         num_replicas=num_replicas,
         rank=rank,
-        groups=aspect_groups([(r.height, r.width) for r in records]),
+        groups=aspect_groups([r.size_hw for r in records]),
         batch_size=hyper["batch_size"],
     )
 
@@ -314,6 +321,9 @@ def prepare_run(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> Trai
     configure_device(dist.device)
     _seed_everything(cfg.seed + dist.rank)
     train_set, val_set = load_datasets(cfg.train_roots, cfg.val_roots)
+    tiling = choose_tiling(cfg.tiling, cfg.tile_size, train_set.records, cfg.template.input_size)
+    if tiling is not None:
+        train_set = replace(train_set, records=tile_records(train_set.records, tiling, cfg.seed))
     last_path = Path(cfg.output) / LAST
     # rank 0 decides, so that every rank resumes or none does
     resuming = dist.broadcast(cfg.resume or last_path.is_file() if dist.is_main else None)
@@ -351,6 +361,7 @@ def prepare_run(cfg: TrainConfig, reporter: Reporter, dist: Distributed) -> Trai
         early=EarlyStopping(hyper["early_stopping_patience"], hyper["early_stopping_start"]),
         sampler=sampler,
         iterations_per_epoch=iterations_per_epoch,
+        tiling=tiling,
     )  # fmt: skip
     if state:
         _restore(run, state)
@@ -456,7 +467,11 @@ def loaders(run: TrainingRun) -> tuple[DataLoader, DataLoader]:
     val_sampler = EpochSampler(
         len(run.val_set.records), train=False, num_replicas=dist.world_size, rank=dist.rank
     )
-    return (
-        data_loader(InstanceSegDataset(run.train_set.records, size), run.sampler, cfg, run.device),
-        data_loader(InstanceSegDataset(run.val_set.records, size), val_sampler, cfg, run.device),
-    )
+    train = data_loader(InstanceSegDataset(run.train_set.records, size), run.sampler, cfg,
+                        run.device)  # fmt: skip
+    if run.tiling is None:
+        return train, data_loader(InstanceSegDataset(run.val_set.records, size), val_sampler,
+                                  cfg, run.device)  # fmt: skip
+    tiled = TiledImages(run.val_set.records, size, run.tiling)
+    return train, DataLoader(tiled, batch_size=1, sampler=val_sampler,
+                             num_workers=cfg.num_workers, collate_fn=collate_tiled)  # fmt: skip

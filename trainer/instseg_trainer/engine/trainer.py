@@ -32,6 +32,7 @@ from instseg_trainer.engine.run import (
 )
 from instseg_trainer.errors import InstsegError
 from instseg_trainer.evaluation.evaluator import coco_results, score
+from instseg_trainer.evaluation.tiled import predict_tiled
 from instseg_trainer.models.mask_rcnn import to_model_input
 from instseg_trainer.reporting.curves import plot_curves
 from instseg_trainer.reporting.events import Epoch, Final, Iteration, Start, Validation
@@ -251,6 +252,7 @@ def evaluate(run: TrainingRun, loader: DataLoader, stop: StopSignal) -> dict | N
     results = coco_results(
         run.ema.module, loader, run.device, run.val_set.category_ids, dist, run.autocast_dtype,
         should_stop=None if dist.enabled else lambda: stop.signum is not None,
+        predictor=predict_tiled if run.tiling else None,
     )  # fmt: skip
     if results is None:
         return None

@@ -56,10 +56,12 @@ def coco_results(
     dist: Distributed,
     amp_dtype: torch.dtype | None = None,
     should_stop: Callable[[], bool] | None = None,
+    predictor: Callable = None,
 ) -> list[dict] | None:
     """COCO results of every image of the (possibly sharded) loader, on every rank; None when
-    `should_stop` said so between two images (single process only: ranks gather at the end)."""
-    detections = predict(model, loader, device, amp_dtype)
+    `should_stop` said so between two images (single process only: ranks gather at the end).
+    `predictor` is `predict` (whole images), or evaluation.tiled.predict_tiled."""
+    detections = (predictor or predict)(model, loader, device, amp_dtype)
     return coco_results_of(detections, category_ids, dist, should_stop)
 
 

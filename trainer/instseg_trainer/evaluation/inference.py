@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from instseg_trainer.data.coco import CocoSubset, ImageRecord, image_size
 from instseg_trainer.data.dataset import InstanceSegDataset, collate, load_rgb
 from instseg_trainer.data.roots import load_roots
+from instseg_trainer.data.tiling import Tiling
 from instseg_trainer.engine.checkpoint import load_checkpoint
 from instseg_trainer.engine.distributed import (
     Distributed,
@@ -23,6 +24,7 @@ from instseg_trainer.engine.distributed import (
 from instseg_trainer.errors import CheckpointError, DataError
 from instseg_trainer.evaluation.coco_eval import to_coco_results
 from instseg_trainer.evaluation.evaluator import coco_results_of, predict, score
+from instseg_trainer.evaluation.tiled import TiledImages, collate_tiled, predict_tiled
 from instseg_trainer.export.runtime import ExportedModel, is_exported
 from instseg_trainer.files import atomic_write
 from instseg_trainer.models.mask_rcnn import build_model
@@ -48,6 +50,8 @@ class TrainedModel:
         self.position: dict | None = state.get("position")  # last.pt only: where the run is
         self.batch_size: int = state["hyperparameters"]["batch_size"]
         self.threshold: float | None = self.best.get("f_measure_threshold")
+        tiling = state.get("tiling")  # trained on tiles: predicted through tiles
+        self.tiling: Tiling | None = Tiling(**tiling) if tiling else None
         self.model = build_model(
             state["model_config"],
             len(self.class_names),
@@ -65,11 +69,15 @@ class TrainedModel:
 
     def predict(self, loader: Iterable) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
         """(meta, detections) per image of the loader."""
-        return predict(self.model, loader, self.device, self.amp_dtype)
+        predictor = predict_tiled if self.tiling else predict
+        return predictor(self.model, loader, self.device, self.amp_dtype)
 
     def loader(
         self, records: list[ImageRecord], batch_size: int | None, workers: int
     ) -> DataLoader:
+        if self.tiling is not None:
+            return DataLoader(TiledImages(records, self.input_size, self.tiling), batch_size=1,
+                              num_workers=workers, collate_fn=collate_tiled)  # fmt: skip
         return DataLoader(
             InstanceSegDataset(records, self.input_size),
             batch_size=batch_size or self.batch_size,

@@ -123,6 +123,11 @@ def _metadata(trained: TrainedModel, fmt: str, precision: str) -> dict:
         "classes": classes,
         "score_threshold": trained.threshold,  # the F-measure-best threshold on validation
         "best": trained.best,
+        # trained on tiles: the graph runs on each tile and on the whole image, and the
+        # detections merge by class-wise NMS at these settings (evaluation.tiled)
+        "tiling": trained.tiling.to_dict() if trained.tiling else None,
+        "nms_thresh": float(trained.model.roi_heads.nms_thresh),
+        "detections_per_img": int(trained.model.roi_heads.detections_per_img),
         "inputs": {
             INPUTS[0]: "uint8 (3, H, W) RGB, resized so that its longer side is input_size "
             "(aspect kept, PIL bilinear)",

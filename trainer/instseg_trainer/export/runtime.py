@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader
 
 from instseg_trainer.data.coco import ImageRecord
 from instseg_trainer.data.dataset import InstanceSegDataset, collate
+from instseg_trainer.data.tiling import Tiling
 from instseg_trainer.errors import CheckpointError, InstsegError
+from instseg_trainer.evaluation.tiled import TiledImages, collate_tiled, merge_tiles
 from instseg_trainer.export.graph import INPUTS, OUTPUTS
 from instseg_trainer.models.mask_rcnn import paste_binary_masks
 
@@ -64,9 +66,14 @@ class ExportedModel:
         self.category_ids: list[int] = [c["category_id"] for c in self.metadata["classes"]]
         self.threshold: float | None = self.metadata.get("score_threshold")
         self.batch_size = 1  # the graph takes one image
+        tiling = self.metadata.get("tiling")
+        self.tiling: Tiling | None = Tiling(**tiling) if tiling else None
         self._run = _session(self.path, self.metadata.get("precision"))
 
     def loader(self, records: list[ImageRecord], batch_size: int | None, workers: int):
+        if self.tiling is not None:
+            return DataLoader(TiledImages(records, self.input_size, self.tiling), batch_size=1,
+                              num_workers=workers, collate_fn=collate_tiled)  # fmt: skip
         return DataLoader(
             InstanceSegDataset(records, self.input_size), batch_size=1, num_workers=workers,
             collate_fn=collate,
@@ -74,6 +81,9 @@ class ExportedModel:
 
     def predict(self, loader: Iterable) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
         """(meta, detections) per image, as evaluation.evaluator.predict gives them."""
+        if self.tiling is not None:
+            yield from self._predict_tiled(loader)
+            return
         for images, _, metas in loader:
             for image, meta in zip(images, metas):
                 original = np.asarray(meta["original_size"], dtype=np.int64)
@@ -81,6 +91,20 @@ class ExportedModel:
                 found = detections(boxes, labels, scores, masks, meta["original_size"],
                                    len(self.class_names))  # fmt: skip
                 yield meta, found
+
+    def _predict_tiled(self, loader: Iterable) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+        """The graph on each crop of a TiledImages loader, merged as PyTorch merges them."""
+        for crops_batch, windows_batch, metas in loader:
+            for crops, windows, meta in zip(crops_batch, windows_batch, metas):
+                found = []
+                for crop, window in zip(crops, windows):
+                    size = (window[3] - window[1], window[2] - window[0])
+                    outputs = self._run(crop.numpy(), np.asarray(size, dtype=np.int64))
+                    det = detections(*outputs, size, len(self.class_names))
+                    found.append(({k: torch.from_numpy(v) for k, v in det.items()}, window))
+                merged = merge_tiles(found, meta["original_size"], self.metadata["nms_thresh"],
+                                     self.metadata["detections_per_img"])  # fmt: skip
+                yield meta, {k: v.numpy() for k, v in merged.items()}
 
 
 def detections(boxes, labels, scores, masks, original_size, classes: int) -> dict[str, np.ndarray]:
