@@ -7,9 +7,11 @@ holds an object, a fixed share of the empty ones, and each whole image; inferenc
 every tile and the whole image, moves the detections back into the image, merges them with
 class-wise NMS and pastes the kept masks at the image's size (evaluation.tiled).
 
-`auto_tiling` sizes the tiles from the objects, as OTX's adaptive tiling does: a tile is
-about 1/OBJECT_TILE_RATIO times an object's typical side, and overlaps by the largest
-objects' side so that each of them lies whole in some tile.
+`auto_tiling` sizes the tiles from the objects' statistics, as OTX's adaptive tiling does,
+and overlaps them by the largest objects' side so that each lies whole in some tile. OTX
+feeds a tile at its own size and makes objects 3% of it (object_tile_ratio); here a tile is
+resized to the template's input size, so the tile is what brings the typical object to
+TARGET_OBJECT_SIDE pixels (the smallest anchor) at that size.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from instseg_trainer.errors import DataError
 
 log = logging.getLogger(__name__)
 
-OBJECT_TILE_RATIO = 0.03  # OTX's object_tile_ratio: object side / tile side
+TARGET_OBJECT_SIDE = 32  # px at the input size: the templates' smallest anchor
+WORTH_TILING = 0.75  # tiles no larger than this share of the images' longer side
 MAX_OVERLAP = 0.5
 DEFAULT_OVERLAP = 0.2  # OTX's tile_overlap
 EMPTY_TILE_SHARE = 0.1  # of the tiles without objects, the share training sees
@@ -72,14 +75,14 @@ def object_sides(records: list[ImageRecord]) -> np.ndarray:
 
 def auto_tiling(records: list[ImageRecord], input_size: int) -> Tiling | None:
     """Tiles sized from the objects (robust: 5th-95th percentile), or None when the tiles
-    would be as large as the images (tiling would not help)."""
+    would be nearly as large as the images (tiling would not help)."""
     sides = object_sides(records)
     if not len(sides):
         return None
     low, typical, high = np.percentile(sides, [5, 50, 95])
-    size = max(32, round(typical / OBJECT_TILE_RATIO))
+    size = max(32, round(typical * input_size / TARGET_OBJECT_SIDE))
     longest = int(np.median([max(r.width, r.height) for r in records]))
-    if size >= longest or longest <= input_size:
+    if size > WORTH_TILING * longest:
         return None
     overlap = min(MAX_OVERLAP, max(DEFAULT_OVERLAP, high / size))
     log.info("tiling: objects' sides %.0f/%.0f/%.0f px (5/50/95%%) → tiles of %d px, overlap "
