@@ -156,7 +156,16 @@ INVALID = {
         "spec.activeDeadlineSeconds in body should be less than or equal to 2147483647",
     ),
     "missing data": (lambda spec: spec.pop("data"), "spec.data: Required value"),
-    "missing val data": (lambda spec: spec["data"].pop("val"), "spec.data.val: Required value"),
+    "unknown tiling mode": (
+        lambda spec: spec.setdefault("hyperparameters", {}).update(tiling="sometimes"),
+        'spec.hyperparameters.tiling: Unsupported value: "sometimes"',
+    ),
+    "an IoU threshold above 1": (
+        lambda spec: spec.setdefault("hyperparameters", {}).update(
+            model={"rpn": {"nmsThresh": 1.5}}
+        ),
+        "spec.hyperparameters.model.rpn.nmsThresh in body should be less than or equal to 1",
+    ),
     "missing claim": (
         lambda spec: spec["output"].pop("claimName"),
         "spec.output.claimName: Required value",
