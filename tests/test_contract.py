@@ -77,14 +77,20 @@ def test_every_template_value_is_a_crd_hyperparameter_that_reaches_the_trainer()
 
 def test_the_hyperparameters_with_flags_reach_the_trainer_as_flags_it_parses() -> None:
     values = {key: 3 for key in contract.HYPERPARAMETER_FLAGS}
-    values |= {"backboneWeights": "none", "learningRate": 0.01, "autoBatchSize": True}
+    values |= {
+        "backboneWeights": "none",
+        "learningRate": 0.01,
+        "autoBatchSize": True,
+        "tiling": "auto",
+        "tileSize": 512,
+    }
     data = {"train": {"claimName": "datasets"}, "val": {"claimName": "datasets"}}
     spec = {"template": "MaskRCNN-ResNet50", "data": data, "hyperparameters": values}
     command = trainer_command(spec, "job", "service")
     assert command[0] == contract.TRAINER_SCRIPT
     args = build_parser().parse_args(command[1:])
     assert (args.epochs, args.batch_size, args.learning_rate) == (3, 3, 0.01)
-    assert args.auto_batch_size is True
+    assert args.auto_batch_size is True and (args.tiling, args.tile_size) == ("auto", 512)
     for flag in contract.HYPERPARAMETER_FLAGS.values():
         assert flag in command
 
