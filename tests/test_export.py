@@ -26,37 +26,32 @@ def _cli(*args: str) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A small model trained a few epochs (data root, its run directory)."""
-    root = tmp_path_factory.mktemp("export")
+def _train(root: Path, train_images: int, val_images: int, epochs: int) -> tuple[Path, Path]:
+    """A model trained on generated shapes at 64 px (data root, its run directory)."""
     data = root / "data"
-    write_sample_dataset(data, num_train=8, num_val=4, seed=3, min_size=64, max_size=96)
+    write_sample_dataset(data, num_train=train_images, num_val=val_images, seed=3, min_size=64,
+                         max_size=96)  # fmt: skip
     code, out = _cli(
         "train", "MaskRCNN-EfficientNetB2B", "--train-data-roots", str(data),
-        "--val-data-roots", str(data), "--output", str(root / "run"), "--epochs", "2",
-        "--batch-size", "2", "--input-size", "64", "--backbone-weights", "none",
-        "--workers", "0",
+        "--val-data-roots", str(data), "--output", str(root / "run"), "--epochs", str(epochs),
+        "--batch-size", "4" if train_images > 8 else "2", "--input-size", "64",
+        "--backbone-weights", "none", "--workers", "0",
     )  # fmt: skip
     assert code == 0, out
     return data, root / "run"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small model trained a few epochs."""
+    return _train(tmp_path_factory.mktemp("export"), 8, 4, epochs=2)
 
 
 @pytest.fixture(scope="module")
 def accurate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A model trained long enough to find objects (segm mAP about 0.1 on its val images), so
-    that accuracy lost by quantization shows (data root, its run directory)."""
-    root = tmp_path_factory.mktemp("accurate")
-    data = root / "data"
-    write_sample_dataset(data, num_train=24, num_val=6, seed=3, min_size=64, max_size=96)
-    code, out = _cli(
-        "train", "MaskRCNN-EfficientNetB2B", "--train-data-roots", str(data),
-        "--val-data-roots", str(data), "--output", str(root / "run"), "--epochs", "10",
-        "--batch-size", "4", "--input-size", "64", "--backbone-weights", "none",
-        "--workers", "0",
-    )  # fmt: skip
-    assert code == 0, out
-    return data, root / "run"
+    that accuracy lost by quantization shows."""
+    return _train(tmp_path_factory.mktemp("accurate"), 24, 6, epochs=10)
 
 
 def _eval(weights: Path, data: Path, output: Path) -> tuple[dict, list[dict]]:

@@ -22,17 +22,21 @@ def save_checkpoint(state: dict, path: Path) -> None:
     atomic_write(Path(path), lambda file: torch.save({"format": FORMAT, **state}, file))
 
 
+def read_weights_file(path: Path, named: str, if_missing: str = "") -> object:
+    """torch.load of a file of tensors on the CPU; a CheckpointError naming it (`named`, e.g.
+    "checkpoint 'best.pt'") when it is missing (then with `if_missing`) or unreadable."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{named} does not exist{if_missing}")
+    try:
+        # weights_only: a file from a shared volume must not be able to run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{named} cannot be read ({e}); it is corrupt or truncated") from e
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        # weights_only: a checkpoint from a shared volume must not be able to run code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint '{path}' cannot be read ({e}); it is corrupt or not an instseg checkpoint"
-        ) from e
+    state = read_weights_file(path, f"checkpoint '{path}'")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"'{path}' is not an instseg checkpoint (expected format {FORMAT}); "

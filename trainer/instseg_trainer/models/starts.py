@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from instseg_trainer.engine.checkpoint import FORMAT
+from instseg_trainer.engine.checkpoint import FORMAT, read_weights_file
 from instseg_trainer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,7 @@ def read_start(given: str | Path, template: str) -> StartWeights:
         _check_coco_fits(template, COCO)
         return StartWeights(COCO, _download_coco(), _coco_class_names())
     path = Path(given)
-    if not path.is_file():
-        raise CheckpointError(f"--weights '{path}' does not exist (a checkpoint, or 'coco')")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"--weights '{path}' cannot be read ({e}); it is corrupt") from e
+    state = read_weights_file(path, f"--weights '{path}'", " (a checkpoint, or 'coco')")
     if isinstance(state, dict) and state.get("format") == FORMAT:
         weights = state.get("ema") or state.get("model")
         if weights is None:
