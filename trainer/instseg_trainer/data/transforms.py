@@ -40,7 +40,7 @@ def transform_instances(
     h, w = size_hw
     sy, sx = h / original_hw[0], w / original_hw[1]
     x0, y0 = window[:2] if window else (0, 0)
-    kept = [inst for inst in instances if not inst.crowd]
+    kept = [inst for inst in instances if not inst.crowd and _meets(inst.box, window)]
     boxes = np.zeros((len(kept), 4), dtype=np.float32)
     labels = np.zeros((len(kept),), dtype=np.int64)
     masks = np.zeros((len(kept), h, w), dtype=np.uint8)
@@ -60,6 +60,13 @@ def transform_instances(
         boxes, labels, masks = boxes[present], labels[present], masks[present]
         boxes = _mask_boxes(masks, boxes)
     return boxes, labels, masks
+
+
+def _meets(box: tuple[float, float, float, float], window) -> bool:
+    """Whether an object's box reaches into the tile: the others are never rasterised."""
+    if window is None:
+        return True
+    return box[0] < window[2] and box[2] > window[0] and box[1] < window[3] and box[3] > window[1]
 
 
 def _mask_boxes(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:

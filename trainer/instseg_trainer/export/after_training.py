@@ -10,7 +10,7 @@ from pathlib import Path
 from instseg_contract import EXPORT_DIRECTORY
 
 from instseg_trainer.data.coco import CocoSubset
-from instseg_trainer.data.roots import load_train_val
+from instseg_trainer.data.roots import load_roots, load_train_val
 from instseg_trainer.evaluation.inference import evaluate_subset, load_model
 from instseg_trainer.export.exporter import export_model
 from instseg_trainer.export.optimize import optimize_model
@@ -39,7 +39,8 @@ def export_after_training(
             export_model(best, "openvino", "fp32", directory)
         int8 = optimize_model(fp32, train_roots, val_roots, directory)
         models.append(("openvino", "int8", int8.model, int8.size_bytes))
-    _, val = load_train_val(train_roots, val_roots)  # what the training validated on
+    # what the training validated on; the train set is read only to split it
+    val = load_roots(val_roots, "val") if val_roots else load_train_val(train_roots, [])[1]
     return [_artifact(fmt, precision, path, size, val) for fmt, precision, path, size
             in models]  # fmt: skip
 
